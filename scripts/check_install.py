@@ -12,4 +12,4 @@ from xdtrain.text.encoder import default_model_path, load_text_encoder  # noqa: 
 model = load_text_encoder(default_model_path())
 vec = model.encode(["a quiet film about a lighthouse"], convert_to_numpy=True)
 assert vec.shape == (1, 384), vec.shape
-print(f"ok: torch {torch.__version__}, dgl {dgl.__version__}, ray {ray.__version__}, MiniLM dim {vec.shape[1]}")
+print(f"ok: torch {torch.__version__}, dgl {dgl.__version__}, ray {ray.__version__}, MiniLM {vec.shape[1]}-d")

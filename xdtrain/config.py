@@ -48,14 +48,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key, source)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):
@@ -76,7 +75,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: key '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{source}: key '{key}' expects a {tp.__name__} mapping, got {value!r}")
         return _build(tp, value, source, prefix=f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
