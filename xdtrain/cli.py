@@ -1,0 +1,46 @@
+"""`xdtrain <job> --config <yaml> [key=value ...]`: the same jobs as `python -m jobs.<job>`.
+
+Each job is registered as (module, config class, run function) and imported only when used,
+so `xdtrain --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from xdtrain.jobrunner import job_main
+
+# name -> (module, config class, run function, one-line help)
+JOBS: dict[str, tuple[str, str, str, str]] = {
+    "gen-data": ("xdtrain.data.synthetic", "WorldConfig", "run_gen_data",
+                 "generate a synthetic multi-domain world with planted ground truth"),
+    "prepare-movielens": ("xdtrain.data.movielens", "MovieLensConfig", "run_prepare",
+                          "convert the shipped MovieLens/Freebase files into canonical Parquet"),
+    "train-reference": ("xdtrain.train.reference", "ReferenceConfig", "run_reference",
+                        "train a backbone single-process with local tables (the correctness baseline)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: xdtrain <job> [--config FILE] [key=value ...]", "", "jobs:"]
+    lines += [f"  {name:<20} {help_}" for name, (*_, help_) in JOBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in JOBS:
+        print(f"xdtrain: unknown job '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, cfg_name, fn_name, _ = JOBS[name]
+    module = importlib.import_module(module_name)
+    return job_main(name, getattr(module, cfg_name), getattr(module, fn_name), rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

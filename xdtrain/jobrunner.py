@@ -1,0 +1,62 @@
+"""The one way a job starts: `--config <yaml> [key=value ...]` -> typed config -> run -> metrics JSON.
+
+`jobs/<name>.py` and the `xdtrain` CLI both call `job_main`, so a job behaves the same under
+`ray job submit`, `python -m jobs.<name>` and `xdtrain <name>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from xdtrain.config import ConfigError, load_config, to_dict
+from xdtrain.data.schemas import DataError
+
+C = TypeVar("C")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary name, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def parse_job_args(name: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"xdtrain {name}", description=f"xdtrain job: {name}")
+    parser.add_argument("--config", help="YAML config file (defaults apply when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.01")
+    return parser.parse_args(argv)
+
+
+def job_main(name: str, config_cls: type[C], run: Callable[[C], dict], argv: list[str] | None = None) -> int:
+    """Parse args, load the config, run, and turn known input errors into one clear line (exit 2)."""
+    args = parse_job_args(name, argv)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"xdtrain {name}: config error: {e}", file=sys.stderr)
+        return 2
+    start = time.time()
+    try:
+        summary = run(cfg)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        print(f"xdtrain {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    summary = dict(summary or {})
+    summary.setdefault("job", name)
+    summary.setdefault("wall_seconds", round(time.time() - start, 3))
+    summary.setdefault("config", to_dict(cfg))
+    out_dir = summary.get("run_dir")
+    if out_dir:
+        write_json_atomic(Path(out_dir) / "metrics.json", summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
+    return 0
