@@ -1,0 +1,204 @@
+"""Shard checkpoints on any fsspec URL: .npy columns sorted by slot, and a manifest written last.
+
+Layout under a checkpoint URL (one writer per URL at a time):
+
+    MANIFEST.json                              the only entry point; replaced atomically
+    data-<token>/shard-00003/<table>/ids.npy   one .npy per column: ids, rows, state.<name>,
+                                    rows.npy   last_step, pending_ids, pending_counts, and the
+                                    offsets.npy   slot offsets of both groups
+    ...
+
+Every file is written under a temporary name and renamed; a shard's files go into a fresh
+`data-<token>` directory, and the manifest naming that directory is written last (again via a
+temporary name), so a crash at any point leaves the previous manifest and its files intact.
+Old data directories are removed only after the new manifest is in place.
+
+Rows are stored sorted by virtual slot with per-slot offsets, so a shard restoring under a
+different slot map reads just the byte ranges of the slots it owns (no unpickling: .npy
+headers are parsed with numpy's safe header reader and object dtypes are refused).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+
+import fsspec
+import numpy as np
+
+from xdtrain.ps.slots import slot_of
+from xdtrain.ps.table import ShardTable
+
+FORMAT = "xdtrain-ps-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+_CHUNK_ROWS = 1 << 18
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read: the message names the URL and file."""
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/")
+
+
+def new_token() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def _write_npy(fs, path: str, arr: np.ndarray, order: np.ndarray | None) -> int:
+    """Write arr[order] (or arr) as .npy, streamed in chunks, via a temporary name. Returns bytes."""
+    if arr.dtype.hasobject:
+        raise ValueError(f"{path}: refusing to write an object array")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
+    with fs.open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, len(arr), _CHUNK_ROWS):
+            stop = min(start + _CHUNK_ROWS, len(arr))
+            chunk = arr[start:stop] if order is None else np.take(arr, order[start:stop], axis=0)
+            f.write(np.ascontiguousarray(chunk).tobytes())
+    fs.mv(tmp, path)
+    return int(fs.size(path))
+
+
+def _read_header(f, path: str) -> tuple[tuple, np.dtype, int]:
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a valid .npy file ({e})") from e
+    if fortran or dtype.hasobject:
+        raise CheckpointError(f"{path}: unsupported .npy layout (fortran order or object dtype)")
+    return shape, dtype, f.tell()
+
+
+def read_npy_ranges(fs, path: str, ranges: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """Rows [a, b) for each range (all rows if None) of a C-order .npy file, by ranged reads."""
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: checkpoint file missing") from e
+    with f:
+        shape, dtype, offset = _read_header(f, path)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if ranges is None:
+            ranges = [(0, shape[0])] if shape[0] else []
+        total = sum(b - a for a, b in ranges)
+        out = np.empty((total,) + tuple(shape[1:]), dtype=dtype)
+        flat = out.reshape(total, -1).view(np.uint8) if total else None
+        at = 0
+        for a, b in ranges:
+            if b > shape[0]:
+                raise CheckpointError(f"{path}: range {a}:{b} beyond {shape[0]} rows (truncated checkpoint?)")
+            f.seek(offset + a * row_bytes)
+            data = f.read((b - a) * row_bytes)
+            if len(data) != (b - a) * row_bytes:
+                raise CheckpointError(f"{path}: file is truncated")
+            flat[at : at + b - a] = np.frombuffer(data, dtype=np.uint8).reshape(b - a, row_bytes)
+            at += b - a
+        return out
+
+
+def write_table(
+    fs, dirpath: str, table: ShardTable, num_slots: int, on_file: Callable[[str], None] | None = None
+) -> dict:
+    """Write one shard's table (rows sorted by slot) under `dirpath`; returns its manifest entry."""
+    fs.makedirs(dirpath, exist_ok=True)
+    cols = table.columns()
+    slots = slot_of(cols["ids"], num_slots)
+    order = np.argsort(slots, kind="stable")
+    offsets = np.searchsorted(slots[order], np.arange(num_slots + 1)).astype(np.int64)
+    pend = table.pending_columns()
+    pslots = slot_of(pend["pending_ids"], num_slots)
+    porder = np.argsort(pslots, kind="stable")
+    poffsets = np.searchsorted(pslots[porder], np.arange(num_slots + 1)).astype(np.int64)
+    files: dict[str, int] = {}
+    groups = [(cols, order), (pend, porder), ({"offsets": offsets, "pending_offsets": poffsets}, None)]
+    for group, ordr in groups:
+        for name, arr in group.items():
+            files[name] = _write_npy(fs, f"{dirpath}/{name}.npy", arr, ordr)
+            if on_file is not None:
+                on_file(name)
+    return {
+        "rows": int(table.n),
+        "pending": int(len(pend["pending_ids"])),
+        "step": int(table.step),
+        "files": files,
+    }
+
+
+def _ranges(offsets: np.ndarray, slots: np.ndarray) -> list[tuple[int, int]]:
+    """Merged [start, stop) row ranges covering `slots` (sorted) given per-slot offsets."""
+    starts, stops = offsets[slots], offsets[slots + 1]
+    keep = stops > starts
+    starts, stops = starts[keep], stops[keep]
+    if len(starts) == 0:
+        return []
+    breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+    return list(zip(starts[np.r_[0, breaks]].tolist(), stops[np.r_[breaks - 1, len(stops) - 1]].tolist()))
+
+
+def read_table_slots(fs, dirpath: str, entry: dict, slots: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns of the rows (and admission counters) of one written table that fall in `slots`."""
+    slots = np.sort(np.asarray(slots, dtype=np.int64))
+    for name, size in entry["files"].items():
+        path = f"{dirpath}/{name}.npy"
+        if not fs.exists(path) or int(fs.size(path)) != int(size):
+            raise CheckpointError(f"{path}: missing or of the wrong size (expected {size} bytes)")
+    out: dict[str, np.ndarray] = {}
+    offsets = read_npy_ranges(fs, f"{dirpath}/offsets.npy")
+    rr = _ranges(offsets, slots)
+    poffsets = read_npy_ranges(fs, f"{dirpath}/pending_offsets.npy")
+    pr = _ranges(poffsets, slots)
+    for name in entry["files"]:
+        if name.endswith("offsets"):
+            continue
+        out[name] = read_npy_ranges(fs, f"{dirpath}/{name}.npy", pr if name.startswith("pending_") else rr)
+    out["step"] = np.asarray([entry.get("step", 0)], dtype=np.int64)
+    return out
+
+
+def write_manifest(url: str, manifest: dict) -> str:
+    """Atomically replace MANIFEST.json under `url` (the commit point of a checkpoint)."""
+    fs, root = url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    path = f"{root}/{MANIFEST}"
+    atomic_write_bytes(fs, path, json.dumps(manifest, indent=1).encode())
+    return path
+
+
+def read_manifest(url: str) -> dict:
+    fs, root = url_to_fs(url)
+    path = f"{root}/{MANIFEST}"
+    try:
+        with fs.open(path, "rb") as f:
+            manifest = json.loads(f.read().decode())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no checkpoint manifest at {url}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not an {FORMAT} v{FORMAT_VERSION} manifest")
+    return manifest
+
+
+def remove_stale_data(url: str, keep: str) -> None:
+    """Delete data-* directories under `url` other than `keep` (old or crashed checkpoints)."""
+    fs, root = url_to_fs(url)
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("data-") and name != keep:
+            fs.rm(entry, recursive=True)

@@ -1,0 +1,472 @@
+"""The client logic both backends share: dedup, routing by slot, reassembly, prefetch, bulk ops.
+
+A backend supplies the transport (`_submit`/`_wait`/`_reap`) and shard lifecycle
+(`_add_shards`/`_close_shards`); everything a user calls lives here, so the in-process
+backend and the Ray client behave identically.
+
+Ordering: calls from one client to one shard run in submission order (Ray guarantees it per
+caller; the in-process backend runs them immediately). Pushes are asynchronous: `push`
+returns once the requests are submitted, a later pull from the same client still sees them,
+and `flush()` waits for all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from xdtrain.ps import checkpoint as ckpt
+from xdtrain.ps.export import write_export_manifest
+from xdtrain.ps.metrics import PSStats
+from xdtrain.ps.slots import SlotMap
+from xdtrain.ps.table import TableSpec
+
+_MAX_PREFETCH = 8
+_MOVE_SLOTS = 128  # slots moved per request when resharding (bounds the in-flight copy)
+
+
+@dataclass
+class Call:
+    """One request to one shard; `replayable` calls (pushes) are recovered by log replay, not resent."""
+
+    shard: int
+    method: str
+    args: tuple
+    replayable: bool = False
+    handle: Any = None
+    buffer: Any = None  # a shared-memory buffer the call owns until released
+    out: np.ndarray | None = None  # where a shared-memory pull's rows land
+    direct: bool = False  # the shard wrote its rows straight into the pull's output array
+    epoch: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class PendingPull:
+    table: str
+    uniq: np.ndarray
+    inverse: np.ndarray | None
+    groups: list[tuple[int, np.ndarray | None]]
+    calls: list[Call]
+    issue_step: int
+    ids: np.ndarray | None = None  # the caller's ids, kept to match a prefetch
+    out: np.ndarray | None = None  # float32 (len(uniq), dim) output the shards write into, if any
+
+
+def as_ids(ids: Any) -> np.ndarray:
+    """A contiguous int64 numpy view/copy of ids given as a tensor, array or list."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(
+            f"ids must be integers (got dtype {arr.dtype}); "
+            "hash string ids once with xdtrain.data.schemas.hash_ids"
+        )
+    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+
+def dedup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(distinct ids, inverse) with uniq[inverse] == ids; inverse None when ids are already distinct."""
+    if len(ids) < 2:
+        return ids, None
+    s = np.sort(ids)
+    if not (s[1:] == s[:-1]).any():
+        return ids, None
+    inverse, uniq = pd.factorize(ids)
+    return np.ascontiguousarray(uniq, dtype=np.int64), inverse.astype(np.int64, copy=False)
+
+
+class Router(ABC):
+    """Everything a PS client does, over an abstract set of shards."""
+
+    def __init__(self, slot_map: SlotMap, staleness: int = 0) -> None:
+        if staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {staleness}")
+        self.slot_map = slot_map
+        self.staleness = int(staleness)
+        self._specs: dict[str, TableSpec] = {}
+        self._step: dict[str, int] = {}
+        self.metrics = PSStats()
+        self._reset_local_state()
+
+    def _reset_local_state(self) -> None:
+        self._prefetched: dict[str, list[PendingPull]] = {}
+        self._recent: dict[str, list[tuple[int, np.ndarray]]] = {}  # pushes seen by open prefetches
+        self._inflight: list[Call] = []
+
+    # ---- transport, supplied by a backend ----------------------------------------------------
+    @abstractmethod
+    def _submit(self, call: Call) -> None:
+        """Start `call` (set call.handle)."""
+
+    @abstractmethod
+    def _wait(self, calls: list[Call]) -> list:
+        """Results of `calls`, in order (recovering failed shards where the backend can)."""
+
+    @abstractmethod
+    def _reap(self) -> None:
+        """Drop finished in-flight pushes from self._inflight, raising on their errors."""
+
+    @abstractmethod
+    def _add_shards(self, indices: list[int], slot_map: SlotMap) -> None:
+        """Start empty shards at these indices."""
+
+    @abstractmethod
+    def _close_shards(self, indices: list[int]) -> None:
+        """Stop these shards (they hold nothing any more)."""
+
+    def _pull_output(self, table: str, n: int, groups: list) -> tuple[np.ndarray, Any] | None:
+        """(a float32 (n, dim) array the shards can write into directly, its handle), or None."""
+        return None
+
+    def _submit_pull(
+        self, k: int, table: str, uniq: np.ndarray, sel: np.ndarray | None, step: int, out: Any = None
+    ) -> Call:
+        """Ask shard k for the rows of uniq[sel] (all of uniq if sel is None); `out`: the handle
+        from _pull_output, if the shard may write them straight to their places there."""
+        return self._call(k, "pull", table, uniq if sel is None else uniq[sel], step)
+
+    def _submit_push(
+        self, k: int, table: str, uniq: np.ndarray, g: np.ndarray, sel: np.ndarray | None, step: int
+    ) -> Call:
+        """Send shard k the gradients of uniq[sel]."""
+        ids_k, g_k = (uniq, g) if sel is None else (uniq[sel], g[sel])
+        return self._call(k, "push", table, ids_k, g_k, step, replayable=True)
+
+    def _rows_of(self, call: Call, result: Any) -> np.ndarray:
+        """The rows a finished pull call produced."""
+        return result if call.out is None else call.out
+
+    def _release(self, call: Call) -> None:  # noqa: B027
+        """Hook: the call's result has been consumed (its shared buffer may be reused)."""
+
+    def _on_push(self, table: str, step: int, uniq: np.ndarray, g: np.ndarray) -> None:  # noqa: B027
+        """Hook: a push of (distinct ids, summed grads) was submitted (the Ray client logs it)."""
+
+    def _on_evict(self, table: str, step: int) -> None:  # noqa: B027
+        """Hook: an eviction was submitted."""
+
+    def _on_commit(self, url: str | None) -> None:  # noqa: B027
+        """Hook: the shards now equal the checkpoint at `url` (after checkpoint or restore)."""
+
+    def _record(self, op: str, table: str, rows: int, nbytes: int, seconds: float) -> None:
+        self.metrics.record(op, rows, nbytes, seconds)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return self.slot_map.num_shards
+
+    def _call(self, shard: int, method: str, *args: Any, replayable: bool = False) -> Call:
+        call = Call(shard, method, args, replayable)
+        self._submit(call)
+        return call
+
+    def _all(self, method: str, *args: Any) -> list:
+        return self._wait([self._call(k, method, *args) for k in range(self.num_shards)])
+
+    def _spec(self, table: str) -> TableSpec:
+        try:
+            return self._specs[table]
+        except KeyError:
+            raise KeyError(f"no PS table {table!r}; tables: {sorted(self._specs)}") from None
+
+    def _route(self, uniq: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        """(shard, positions in uniq) per shard with ids; positions None means all of them."""
+        if self.num_shards == 1:
+            return [(0, None)]
+        shard = self.slot_map.shard_of(uniq)
+        groups = [(k, np.flatnonzero(shard == k)) for k in range(self.num_shards)]
+        groups = [(k, sel) for k, sel in groups if len(sel)]
+        if len(groups) == 1:
+            return [(groups[0][0], None)]
+        return groups
+
+    # ---- tables --------------------------------------------------------------------------------
+    def create_table(self, spec: TableSpec) -> None:
+        """Create (or, with an identical spec, re-declare) a table on every shard."""
+        self._all("create_table", spec)
+        self._specs[spec.name] = spec
+        self._step.setdefault(spec.name, 0)
+
+    def tables(self) -> list[str]:
+        return sorted(self._specs)
+
+    def spec(self, table: str) -> TableSpec:
+        return self._spec(table)
+
+    def shard_info(self) -> list[dict]:
+        """Per shard: {table: {rows, bytes, step}}."""
+        self.flush()
+        return self._all("info")
+
+    def num_rows(self, table: str) -> int:
+        self._spec(table)
+        return sum(info[table]["rows"] for info in self.shard_info())
+
+    # ---- pull / push ---------------------------------------------------------------------------
+    def _start_pull(self, table: str, ids: np.ndarray) -> PendingPull:
+        uniq, inverse = dedup(ids)
+        groups = self._route(uniq) if len(uniq) else []
+        step = self._step[table]
+        direct = self._pull_output(table, len(uniq), groups) if len(uniq) else None
+        handle = direct[1] if direct else None
+        calls = [self._submit_pull(k, table, uniq, sel, step, handle) for k, sel in groups]
+        return PendingPull(table, uniq, inverse, groups, calls, step, out=direct[0] if direct else None)
+
+    def _finish_pull(self, req: PendingPull) -> np.ndarray:
+        """Rows of req.uniq as a writable float32 array (owned by the caller)."""
+        try:
+            results = self._wait(req.calls)
+            dim = self._specs[req.table].dim
+            if req.out is not None:
+                for (_, sel), call, r in zip(req.groups, req.calls, results):
+                    if not call.direct:
+                        req.out[slice(None) if sel is None else sel] = self._rows_of(call, r)
+                return req.out
+            if len(req.groups) == 1 and req.groups[0][1] is None:
+                r = self._rows_of(req.calls[0], results[0])
+                if r.dtype == np.float32 and r.flags.writeable and req.calls[0].out is None:
+                    return r
+                return r.astype(np.float32)
+            out = np.empty((len(req.uniq), dim), dtype=np.float32)
+            for (_, sel), call, r in zip(req.groups, req.calls, results):
+                out[sel] = self._rows_of(call, r)
+            return out
+        finally:
+            for call in req.calls:
+                self._release(call)
+
+    def _discard(self, req: PendingPull) -> None:
+        """Drop an unused prefetch (after it finishes, so its buffers are free)."""
+        try:
+            self._wait(req.calls)
+        finally:
+            for call in req.calls:
+                self._release(call)
+
+    def _drop_prefetches(self) -> None:
+        for queue in self._prefetched.values():
+            for req in queue:
+                self._discard(req)
+        self._prefetched.clear()
+        self._recent.clear()
+
+    def pull(self, table: str, ids: Any) -> torch.Tensor:
+        """Rows for `ids` (any shape; flattened) as a float32 tensor of shape (len(ids), dim)."""
+        self._spec(table)
+        ids = as_ids(ids)
+        t0 = time.perf_counter()
+        self._reap()
+        req = self._take_prefetch(table, ids)
+        prefetched = req is not None
+        if req is None:
+            req = self._start_pull(table, ids)
+        out = self._finish_pull(req)
+        if prefetched:
+            self._patch(req, out)
+        if not self._prefetched.get(table):
+            self._recent.pop(table, None)
+        rows = out if req.inverse is None else out[req.inverse]
+        self._record("pull", table, len(out), out.nbytes + 8 * len(out), time.perf_counter() - t0)
+        return torch.from_numpy(rows)
+
+    def push(self, table: str, ids: Any, grads: Any) -> None:
+        """Send row gradients (summed over repeated ids); the shard's optimizer applies them."""
+        spec = self._spec(table)
+        ids = as_ids(ids)
+        t0 = time.perf_counter()
+        if isinstance(grads, torch.Tensor):
+            grads = grads.detach().to("cpu", torch.float32).numpy()
+        g = np.ascontiguousarray(grads, dtype=np.float32).reshape(len(ids), -1)
+        if g.shape[1] != spec.dim:
+            raise ValueError(f"table {table!r}: grads have width {g.shape[1]}, the table has dim {spec.dim}")
+        uniq, inverse = dedup(ids)
+        if inverse is not None:
+            summed = torch.zeros(len(uniq), spec.dim, dtype=torch.float32)
+            summed.index_add_(0, torch.from_numpy(inverse), torch.from_numpy(g))
+            g = summed.numpy()
+        self._reap()
+        self._step[table] += 1
+        step = self._step[table]
+        for k, sel in self._route(uniq) if len(uniq) else []:
+            self._inflight.append(self._submit_push(k, table, uniq, g, sel, step))
+        self._on_push(table, step, uniq, g)
+        if self._prefetched.get(table):
+            self._recent.setdefault(table, []).append((step, uniq))
+        self._record("push", table, len(uniq), g.nbytes + 8 * len(uniq), time.perf_counter() - t0)
+
+    def flush(self) -> None:
+        """Wait until every push submitted so far has been applied."""
+        calls, self._inflight = self._inflight, []
+        if calls:
+            self._wait(calls)
+
+    # ---- prefetch with bounded staleness ------------------------------------------------------
+    def prefetch(self, table: str, ids: Any) -> None:
+        """Start pulling `ids` now; a later `pull(table, ids)` with equal ids uses the result.
+
+        The rows it returns reflect every push issued at least `staleness` pushes before that
+        pull: pushes issued before the prefetch are in it, and if more than `staleness` pushes
+        came since, the rows those pushes touched are pulled again (staleness 0: exact).
+        """
+        self._spec(table)
+        ids = as_ids(ids).copy()
+        req = self._start_pull(table, ids)
+        req.ids = ids
+        queue = self._prefetched.setdefault(table, [])
+        queue.append(req)
+        if len(queue) > _MAX_PREFETCH:
+            self._discard(queue.pop(0))
+
+    def _take_prefetch(self, table: str, ids: np.ndarray) -> PendingPull | None:
+        queue = self._prefetched.get(table, [])
+        for i, req in enumerate(queue):
+            if req.ids is not None and len(req.ids) == len(ids) and np.array_equal(req.ids, ids):
+                return queue.pop(i)
+        return None
+
+    def _patch(self, req: PendingPull, out: np.ndarray) -> None:
+        """Re-pull the rows pushed since the prefetch was issued, if it is now too stale."""
+        table = req.table
+        if self._step[table] - req.issue_step <= self.staleness:
+            return
+        touched = [u for step, u in self._recent.get(table, []) if step > req.issue_step]
+        if not touched:
+            return
+        mask = np.isin(req.uniq, np.concatenate(touched))
+        if mask.any():
+            fresh = self._finish_pull(self._start_pull(table, req.uniq[mask]))
+            out[mask] = fresh
+            self.metrics.event("prefetch_rows_refreshed", int(mask.sum()))
+        oldest = min((r.issue_step for r in self._prefetched.get(table, [])), default=None)
+        if oldest is None:
+            self._recent.pop(table, None)
+        else:
+            self._recent[table] = [(s, u) for s, u in self._recent.get(table, []) if s > oldest]
+
+    # ---- eviction --------------------------------------------------------------------------------
+    def evict(self, table: str) -> int:
+        """Drop rows of `table` not updated within its ttl_steps (counted in this client's pushes)."""
+        spec = self._spec(table)
+        if not spec.ttl_steps:
+            return 0
+        self.flush()
+        step = self._step[table]
+        calls = [self._call(k, "evict", table, step, replayable=True) for k in range(self.num_shards)]
+        self._on_evict(table, step)
+        return int(sum(self._wait(calls)))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def checkpoint(self, url: str) -> str:
+        """Write every shard under `url`, then the manifest (the commit point). Returns its path.
+
+        One writer per URL. Pushes are flushed first, so the checkpoint holds all pushes issued
+        before the call and none after.
+        """
+        self.flush()
+        t0 = time.perf_counter()
+        token = ckpt.new_token()
+        data_dir = f"data-{token}"
+        subdirs = [f"{data_dir}/shard-{k:05d}" for k in range(self.num_shards)]
+        infos = self._wait(
+            [self._call(k, "write_checkpoint", url, subdirs[k]) for k in range(self.num_shards)]
+        )
+        manifest = {
+            "format": ckpt.FORMAT,
+            "format_version": ckpt.FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "num_slots": self.slot_map.num_slots,
+            "slot_map": self.slot_map.to_dict(),
+            "tables": {name: spec.to_dict() for name, spec in self._specs.items()},
+            "steps": dict(self._step),
+            "shards": [{"dir": subdirs[k], "tables": infos[k]} for k in range(self.num_shards)],
+        }
+        path = ckpt.write_manifest(url, manifest)
+        ckpt.remove_stale_data(url, keep=data_dir)
+        self._on_commit(url)
+        rows = sum(t["rows"] for info in infos for t in info.values())
+        self._record("checkpoint", "*", rows, 0, time.perf_counter() - t0)
+        return path
+
+    def restore(self, url: str) -> None:
+        """Load the checkpoint at `url` onto the current shards (any shard count)."""
+        manifest = ckpt.read_manifest(url)
+        if manifest["num_slots"] != self.slot_map.num_slots:
+            raise ckpt.CheckpointError(
+                f"{url}: checkpoint has {manifest['num_slots']} virtual slots, "
+                f"this client {self.slot_map.num_slots}"
+            )
+        self.flush()
+        self._drop_prefetches()
+        t0 = time.perf_counter()
+        rows = self._all("load_checkpoint", url, manifest)
+        self._specs = {name: TableSpec.from_dict(d) for name, d in manifest["tables"].items()}
+        self._step = {name: int(manifest["steps"].get(name, 0)) for name in self._specs}
+        self._on_commit(url)
+        self._record("restore", "*", int(sum(rows)), 0, time.perf_counter() - t0)
+
+    # ---- elastic resharding --------------------------------------------------------------------
+    def reshard(self, num_shards: int) -> dict[tuple[int, int], int]:
+        """Move to `num_shards` shards, moving whole slots (as few as balance needs).
+
+        Returns {(source, destination): slots moved}. Other clients of the same shards must be
+        handed a fresh copy of this client afterwards (shards reject requests routed with an old
+        map). Not crash-safe: if a shard fails mid-way, restore the last checkpoint.
+        """
+        self.flush()
+        self._drop_prefetches()
+        old, new = self.slot_map, self.slot_map.rebalance(num_shards)
+        if num_shards > old.num_shards:
+            self._add_shards(list(range(old.num_shards, num_shards)), old)
+            for k in range(old.num_shards, num_shards):
+                self._wait([self._call(k, "create_table", spec) for spec in self._specs.values()])
+        moves = old.moves(new)
+        for (src, dst), slots in moves.items():
+            for start in range(0, len(slots), _MOVE_SLOTS):
+                chunk = slots[start : start + _MOVE_SLOTS]
+                payload = self._call(src, "take_slots", chunk)
+                self._wait([self._call(dst, "insert_rows", self._forward(payload))])
+                self._wait([self._call(src, "drop_slots", chunk)])
+        self._wait(
+            [self._call(k, "set_slot_map", new.to_dict()) for k in range(max(num_shards, old.num_shards))]
+        )
+        self.slot_map = new
+        if num_shards < old.num_shards:
+            self._close_shards(list(range(num_shards, old.num_shards)))
+        return {k: len(v) for k, v in moves.items()}
+
+    def _forward(self, call: Call) -> Any:
+        """Pass one call's result as another call's argument (Ray: the object ref, unfetched)."""
+        return self._wait([call])[0]
+
+    # ---- export ----------------------------------------------------------------------------------
+    def export(self, table: str, url: str, rows_per_file: int = 1 << 22) -> str:
+        """Write `table` as Parquet (id, vector) under `url`; returns the manifest path, written last."""
+        spec = self._spec(table)
+        self.flush()
+        t0 = time.perf_counter()
+        fs, root = ckpt.url_to_fs(url)
+        if fs.exists(f"{root}/_MANIFEST.json"):
+            raise FileExistsError(f"{url}: an export is already there; export to a fresh URL")
+        files = [f for part in self._all("export", table, url, rows_per_file) for f in part]
+        path = write_export_manifest(url, table, spec.dim, files)
+        self._record("export", table, sum(f["rows"] for f in files), 0, time.perf_counter() - t0)
+        return path
+
+    # ---- metrics ---------------------------------------------------------------------------------
+    def stats(self, shards: bool = True) -> dict:
+        """Throughput and latency per operation, plus rows and bytes held per shard and table."""
+        out = self.metrics.summary()
+        if shards:
+            out["shards"] = self.shard_info()
+        return out

@@ -1,0 +1,84 @@
+"""id -> virtual slot -> shard.
+
+Ids hash into a fixed number of virtual slots (4096 by default); a `SlotMap` assigns slots to
+shards. Changing the shard count moves whole slots (and only as many as balance requires),
+never re-hashes ids, and a checkpoint written under one map restores under any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xdtrain.ps.init import mix64
+
+DEFAULT_NUM_SLOTS = 4096
+_SLOT_SALT = np.uint64(0x5EED5107ABCDEF01)  # keeps slot hashing independent of the initializer's
+
+
+def slot_of(ids: np.ndarray, num_slots: int) -> np.ndarray:
+    """Virtual slot (int64 in [0, num_slots)) of each int64 id."""
+    h = mix64(np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64) ^ _SLOT_SALT)
+    return (h % np.uint64(num_slots)).astype(np.int64)
+
+
+@dataclass
+class SlotMap:
+    """slot_to_shard[s] is the shard that owns slot s; `version` changes on every reshard."""
+
+    slot_to_shard: np.ndarray
+    version: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_to_shard)
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.slot_to_shard.max()) + 1 if len(self.slot_to_shard) else 0
+
+    @classmethod
+    def even(cls, num_slots: int, num_shards: int) -> SlotMap:
+        """Contiguous, balanced blocks of slots per shard."""
+        if num_shards < 1 or num_slots < num_shards:
+            raise ValueError(f"need 1 <= num_shards <= num_slots, got {num_shards} shards, {num_slots} slots")
+        return cls((np.arange(num_slots, dtype=np.int64) * num_shards // num_slots).astype(np.int32))
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.slot_to_shard[slot_of(ids, self.num_slots)]
+
+    def slots_of(self, shard: int) -> np.ndarray:
+        return np.flatnonzero(self.slot_to_shard == shard).astype(np.int64)
+
+    def rebalance(self, num_shards: int) -> SlotMap:
+        """A balanced map over `num_shards` that moves as few slots as possible from this one."""
+        if num_shards < 1 or self.num_slots < num_shards:
+            raise ValueError(f"need 1 <= num_shards <= {self.num_slots}, got {num_shards}")
+        base, extra = divmod(self.num_slots, num_shards)
+        target = np.full(num_shards, base, dtype=np.int64)
+        target[:extra] += 1
+        new = np.full(self.num_slots, -1, dtype=np.int32)
+        for k in range(min(num_shards, self.num_shards)):
+            keep = self.slots_of(k)[: target[k]]
+            new[keep] = k
+        free = np.flatnonzero(new < 0)
+        counts = np.bincount(new[new >= 0], minlength=num_shards)
+        fill = np.repeat(np.arange(num_shards), target - counts)
+        new[free] = fill
+        return SlotMap(new, self.version + 1)
+
+    def moves(self, new: SlotMap) -> dict[tuple[int, int], np.ndarray]:
+        """(source shard, destination shard) -> the slots that change hands going to `new`."""
+        out: dict[tuple[int, int], np.ndarray] = {}
+        changed = np.flatnonzero(self.slot_to_shard != new.slot_to_shard)
+        for s in changed:
+            out.setdefault((int(self.slot_to_shard[s]), int(new.slot_to_shard[s])), []).append(int(s))
+        return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+
+    def to_dict(self) -> dict:
+        return {"version": int(self.version), "slot_to_shard": self.slot_to_shard.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SlotMap:
+        return cls(np.asarray(d["slot_to_shard"], dtype=np.int32), int(d["version"]))
