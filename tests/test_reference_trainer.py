@@ -190,3 +190,8 @@ def test_job_on_movielens_writes_metrics_and_checkpoint(tmp_path):
     assert metrics["data"]["interactions"] == 999611
     assert {"uniform:100/hr@10", "uniform:100/ndcg@10", "full/hr@10", "full/ndcg@10"} <= set(metrics["test"])
     assert metrics["samples_per_s"] > 0 and (tmp_path / "best.safetensors").exists()
+    # evaluation only, from the checkpoint: the same test figures
+    again = tmp_path / "again"
+    assert main(args[:2] + [f"run_dir={again}", f"init_checkpoint={tmp_path / 'best.safetensors'}",
+                            "train.epochs=0"]) == 0
+    assert json.loads((again / "metrics.json").read_text())["test"] == metrics["test"]

@@ -293,7 +293,8 @@ def load_leave_one_out(cfg: DataConfig) -> LeaveOneOutData:
     return leave_one_out_data(data.interactions, cfg.dataset)
 
 
-def leave_one_out_data(interactions: pa.Table, name: str, per_domain_catalogue: bool = False) -> LeaveOneOutData:
+def leave_one_out_data(interactions: pa.Table, name: str,
+                       per_domain_catalogue: bool = False) -> LeaveOneOutData:
     """Canonical interactions -> one time-ordered sequence per user -> leave-one-out train/valid/test.
     With `per_domain_catalogue`, a target is ranked only against items of its own domain."""
     parts = leave_one_out(interactions)
@@ -304,8 +305,10 @@ def leave_one_out_data(interactions: pa.Table, name: str, per_domain_catalogue: 
     train_seqs = [np.searchsorted(item_ids, h) + 1 for h in hist]
     domains = pc.unique(interactions["domain"]).to_pylist()
     if per_domain_catalogue:
-        catalogue = {d: np.unique(interactions.filter(pc.equal(interactions["domain"], d))["item_id"].to_numpy())
-                     for d in domains}
+        dom = interactions["domain"]
+        catalogue = {
+            d: np.unique(interactions.filter(pc.equal(dom, d))["item_id"].to_numpy()) for d in domains
+        }
     else:
         catalogue = {d: item_ids for d in domains}
     counts = count_items(parts["train"], catalogue)  # for popularity:N candidates (BERT4Rec's protocol)
