@@ -4,8 +4,10 @@ It is the correctness baseline the distributed engine must match (same batches, 
 the speed baseline (samples/s) its benchmark compares against. The engine reuses the pieces:
 `xdtrain.train.batches` (padded batches, Cloze masking, negatives) and `xdtrain.nn.losses.sequence_loss`.
 
-    model = Recommender(make_backbone(cfg.model), num_items, cfg.model.d)
-    result = fit(model, train_seqs, validate, cfg.train, run_dir)   # early stopping on `validate`
+    model = Recommender(make_backbone(cfg.model), num_items, cfg.model.d, max_len=cfg.model.max_len)
+    result = fit(model, train_seqs, validate, cfg.train, cfg.model, run_dir, monitor)  # early stopping
+
+`validate(model) -> {metric: value}` is any callable; `Evaluation` wraps the project evaluator.
 
 `run_reference` is the job (`python -m jobs.train_reference --config configs/ml1m_sasrec.yaml`): it loads
 a dataset, splits it leave-one-out, trains, restores the best checkpoint and reports test metrics.
