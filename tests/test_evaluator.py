@@ -1,4 +1,4 @@
-"""Evaluator and candidates: closed forms, planted scorers, candidate hygiene, chunking, shards, Ray."""
+"""Evaluator: closed forms, planted scorers, chunking, shards, Ray, reports, contract errors."""
 
 from __future__ import annotations
 
@@ -14,17 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from evalkit import HIST, SIZES, TableScorer, make_set, perfect, row_table  # noqa: E402
 
 from xdtrain.data.schemas import DataError
 from xdtrain.eval import metrics as M
 from xdtrain.eval.candidates import (
     CandidateSpec,
     EvalSet,
-    _draw_rows,
-    load_candidates,
     prepare_candidates,
     sample_candidates,
-    save_candidates,
 )
 from xdtrain.eval.evaluator import (
     EvalConfig,
@@ -36,67 +34,6 @@ from xdtrain.eval.evaluator import (
     user_batch,
 )
 from xdtrain.eval.report import merge_results, to_markdown, write_report
-
-SIZES = {"books": 60, "movies": 150}
-HIST = 5
-
-
-def make_set(rows: int = 1200, seed: int = 0, multi: bool = False, counts: bool = False) -> EvalSet:
-    """Two domains; every row has HIST distinct history items, none of them a target."""
-    rng = np.random.default_rng(seed)
-    cat = {d: (i + 1) * 10_000 + np.arange(n) * 3 for i, (d, n) in enumerate(SIZES.items())}
-    dom = np.where(rng.random(rows) < 0.5, "books", "movies")
-    targets, hist = [], []
-    for d in dom:
-        pick = rng.choice(cat[d], HIST + 3, replace=False)
-        n_pos = int(rng.integers(1, 4)) if multi else 1
-        targets.append(pick[:n_pos].tolist() if multi else int(pick[0]))
-        hist.append(pick[3 : 3 + HIST].tolist())
-    table = pa.table(
-        {
-            "user_id": rng.integers(0, rows // 3, rows),  # users with several rows
-            "item_id": pa.array(targets, type=pa.list_(pa.int64()) if multi else pa.int64()),
-            "domain": dom,
-            "history": pa.array(hist, type=pa.list_(pa.int64())),
-            "overlap": rng.random(rows) < 0.3,
-            "age": rng.integers(18, 60, rows),
-        }
-    )
-    item_counts = {d: rng.integers(0, 20, len(c)) for d, c in cat.items()} if counts else None
-    return EvalSet(table, cat, item_counts=item_counts, name="synthetic")
-
-
-class TableScorer:
-    """Scores read from a dense [rows, all items] table: a planted, deterministic scorer."""
-
-    def __init__(self, data: EvalSet, table: torch.Tensor | None = None):
-        self.ids = torch.as_tensor(np.concatenate([data.catalogue[d] for d in sorted(data.catalogue)]))
-        self.table = torch.zeros(data.num_rows, len(self.ids)) if table is None else table
-        self.calls: list[tuple[int, ...]] = []
-
-    def col(self, ids) -> torch.Tensor:
-        return torch.searchsorted(self.ids, torch.as_tensor(np.asarray(ids)))
-
-    def __call__(self, users, items, *, domain):
-        self.calls.append(tuple(items.shape))
-        rows = users["row"]
-        if items.dim() == 1:
-            return self.table[rows[:, None], self.col(items)[None, :]]
-        return self.table[rows[:, None], self.col(items)]
-
-
-def perfect(data: EvalSet) -> TableScorer:
-    sc = TableScorer(data)
-    pos = data.positives(np.arange(data.num_rows))
-    for r in range(data.num_rows):
-        sc.table[r, sc.col(pos[r][pos[r] != -1])] = 1.0
-    return sc
-
-
-def row_table(res) -> dict[str, np.ndarray]:
-    t = res.rows()
-    return {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
-
 
 # ---------------------------------------------------------------- closed forms and planted scorers
 
@@ -228,89 +165,6 @@ def test_multi_positive_sampled_perfect_and_recall():
     s = evaluate(perfect(data), data, EvalConfig(candidates="uniform:30", tie_policy="pessimistic", ks=[3]))
     s = s.summary()["overall"]["all"]
     assert s["recall@3"] == 1 and s["ndcg@3"] == 1 and s["hit@3"] == 1 and s["auc"] == 1
-
-
-# ---------------------------------------------------------------- candidates
-
-
-@pytest.mark.parametrize("mode", ["uniform:40", "popularity:15"])
-def test_candidates_exclude_positive_and_history(mode):
-    data = make_set(rows=500, multi=True, counts=True)
-    spec = CandidateSpec.parse(mode, seed=3)
-    negs = sample_candidates(data, spec).negatives
-    idx = np.arange(data.num_rows)
-    pos, hist, doms = data.positives(idx), data.history(idx), data.domains_of_rows()
-    assert negs.shape == (500, spec.n)
-    for r in idx:
-        row = set(negs[r].tolist())
-        assert len(row) == spec.n  # distinct
-        assert not row & set(pos[r].tolist()) and not row & set(hist[r].tolist())
-        assert row <= set(data.catalogue[doms[r]].tolist())
-        if spec.mode == "popularity":  # never an item without interactions
-            counts = data.item_counts[doms[r]][data.index_of(doms[r], negs[r])]
-            assert (counts > 0).all()
-
-
-def test_same_seed_same_candidates_other_seed_differs():
-    data = make_set(rows=300, counts=True)
-    for mode in ("uniform:25", "popularity:10"):
-        a = sample_candidates(data, CandidateSpec.parse(mode, seed=9)).negatives
-        b = sample_candidates(make_set(rows=300, counts=True), CandidateSpec.parse(mode, seed=9)).negatives
-        c = sample_candidates(data, CandidateSpec.parse(mode, seed=10)).negatives
-        assert np.array_equal(a, b) and not np.array_equal(a, c)
-
-
-def test_sampling_distributions():
-    # One negative per row from 5 items; the target (zero count) is excluded anyway.
-    rows = 20000
-    cat = {"x": np.array([10, 20, 30, 40, 50])}
-    table = pa.table({"user_id": np.arange(rows), "item_id": np.full(rows, 50), "domain": ["x"] * rows})
-    data = EvalSet(table, cat, item_counts={"x": np.array([1, 2, 3, 4, 0])})
-    for mode, p in (("popularity:1", np.array([1, 2, 3, 4]) / 10), ("uniform:1", np.full(4, 0.25))):
-        negs = sample_candidates(data, CandidateSpec.parse(mode)).negatives[:, 0]
-        freq = np.array([(negs == i).mean() for i in (10, 20, 30, 40)])
-        assert (negs != 50).all()
-        assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / rows)), (mode, freq)
-
-
-def test_candidates_roundtrip_and_refusals(tmp_path):
-    data = make_set(rows=200)
-    spec = CandidateSpec.parse("uniform:12", seed=2)
-    url = str(tmp_path / "cands" / "test.parquet")
-    first = prepare_candidates(data, spec, url)  # drawn and written
-    assert first.negatives is not None and (tmp_path / "cands" / "test.parquet").exists()
-    assert not list((tmp_path / "cands").glob("*.tmp-*"))
-    again = prepare_candidates(data, spec, url)  # loaded back
-    assert np.array_equal(first.negatives, again.negatives)
-    with pytest.raises(DataError, match="drawn with"):
-        load_candidates(url, data, CandidateSpec.parse("uniform:12", seed=3))
-    with pytest.raises(DataError, match="different eval rows"):
-        load_candidates(url, make_set(rows=200, seed=1), spec)
-    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
-    with pytest.raises(DataError, match="bad.parquet"):
-        load_candidates(str(tmp_path / "bad.parquet"), data, spec)
-    save_candidates(first, "memory://evaltest/c.parquet")
-    assert np.array_equal(
-        load_candidates("memory://evaltest/c.parquet", data, spec).negatives, first.negatives
-    )
-    fsspec.filesystem("memory").rm("/evaltest", recursive=True)
-
-
-def test_every_model_scored_on_the_saved_candidates(tmp_path):
-    data = make_set(rows=100)
-    cfg = EvalConfig(candidates="uniform:9", candidates_path=str(tmp_path / "c.parquet"))
-    a, b = TableScorer(data), TableScorer(data)
-    evaluate(a, data, cfg)
-    evaluate(b, data, cfg)
-    assert a.calls == b.calls == [(len(c), 10) for c in _batches(data, 256)]
-    negs = load_candidates(cfg.candidates_path, data, cfg.spec()).negatives
-    assert negs.shape == (100, 9)
-
-
-def _batches(data: EvalSet, size: int):
-    for rows in data.domain_rows().values():
-        for s in range(0, len(rows), size):
-            yield rows[s : s + size]
 
 
 # ---------------------------------------------------------------- batching, shards, Ray
@@ -499,23 +353,3 @@ def test_million_item_catalogue_runs_in_bounded_memory():
     assert got["biggest"] == 1 << 15
     assert got["grown_mb"] < 80, got["grown_mb"]
     assert got["rank"] == pytest.approx(got["want"], abs=1)  # float ties aside, the exact rank
-
-
-def test_stream_sampler_is_exact_sequential_sampling():
-    """Both paths of the sampler (vectorized streams, numpy's exact fallback) draw 2 of 4 items
-    with P({i, j}) = w_i/W * w_j/(W - w_i) + w_j/W * w_i/(W - w_j)."""
-    w = np.array([1.0, 2.0, 3.0, 4.0])
-    W = w.sum()
-    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
-    want = np.array([w[i] / W * w[j] / (W - w[i]) + w[j] / W * w[i] / (W - w[j]) for i, j in pairs])
-    rows = 20000
-    for rounds in (4, 0):  # 0 rounds: every row takes the exact fallback
-        got = _draw_rows(np.random.default_rng(0), 4, w, np.cumsum(w), np.empty(0, np.int64), rows, 2, rounds)
-        got.sort(1)
-        freq = np.array([((got[:, 0] == i) & (got[:, 1] == j)).mean() for i, j in pairs])
-        assert np.all(np.abs(freq - want) < 4 * np.sqrt(want * (1 - want) / rows)), (rounds, freq, want)
-    # Excluded pairs (keys row * N + item) are never drawn, on either path.
-    excl = np.array([0 * 4 + 3, 1 * 4 + 2, 1 * 4 + 3])
-    for rounds in (4, 0):
-        got = _draw_rows(np.random.default_rng(1), 4, w, np.cumsum(w), excl, 2, 2, rounds)
-        assert 3 not in got[0] and sorted(got[1]) == [0, 1]
