@@ -11,7 +11,7 @@ import torch
 
 from xdtrain.config import load_config
 from xdtrain.eval.candidates import EvalSet
-from xdtrain.train.batches import add_negatives, batch_order, cloze_batch, next_item_batch, pad_right
+from xdtrain.nn.batches import add_negatives, batch_order, cloze_batch, next_item_batch, pad_right
 from xdtrain.train.reference import (
     EvalConfig,
     Evaluation,

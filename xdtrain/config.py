@@ -177,6 +177,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, raw, source)
 
 
+def from_dict(cls: type[T], raw: dict, source: str = "<dict>", prefix: str = "") -> T:
+    """Build `cls` from a plain dict (e.g. the `model:` section of a job config); errors name `prefix` keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+    return _build(cls, raw, source, prefix)
+
+
 def _check_keys(cls: type, tree: dict, source: str, prefix: str = "") -> None:
     hints = typing.get_type_hints(cls)
     for k, v in tree.items():

@@ -52,6 +52,13 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("entity_id", ("id",)),
         Column("domain", ("domain",), required=False),
     ),
+    # One row per user (or user x domain): time-ordered item ids, as `xdtrain.data.sequences` writes them.
+    "sequences": (
+        Column("user_id", ("id",)),
+        Column("domain", ("domain",), required=False),
+        Column("items", ("int_list",)),
+        Column("timestamps", ("int_list",), required=False),
+    ),
 }
 
 # The schema the generators and loaders write (ids as int64; string ids are also accepted on read).
@@ -82,6 +89,8 @@ def _kind_ok(dtype: pa.DataType, kinds: tuple[str, ...]) -> bool:
         if k == "float" and pa.types.is_floating(dtype):
             return True
         if k == "string" and (is_str or is_dict_str):
+            return True
+        if k == "int_list" and pa.types.is_list(dtype) and pa.types.is_integer(dtype.value_type):
             return True
     return False
 

@@ -2,7 +2,7 @@
 
 It is the correctness baseline the distributed engine must match (same batches, same losses) and
 the speed baseline (samples/s) its benchmark compares against. The engine reuses the pieces:
-`xdtrain.train.batches` (padded batches, Cloze masking, negatives) and `xdtrain.nn.losses.sequence_loss`.
+`xdtrain.nn.batches` (padded batches, Cloze masking, negatives) and `xdtrain.nn.losses.sequence_loss`.
 
     model = Recommender(make_backbone(cfg.model), num_items, cfg.model.d, max_len=cfg.model.max_len)
     result = fit(model, train_seqs, validate, cfg.train, cfg.model, run_dir, monitor)  # early stopping
@@ -39,8 +39,8 @@ from xdtrain.eval.candidates import EvalSet, count_items, prepare_candidates
 from xdtrain.eval.evaluator import EmbeddingScorer, evaluate
 from xdtrain.eval.evaluator import EvalConfig as RankEvalConfig
 from xdtrain.nn import BERT4Rec, GRU4Rec, SASRec
+from xdtrain.nn.batches import add_negatives, batch_order, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
-from xdtrain.train.batches import add_negatives, batch_order, cloze_batch, next_item_batch, pad_right
 
 # ---------------------------------------------------------------- configs
 
@@ -287,6 +287,7 @@ class LeaveOneOutData:
     valid: EvalSet  # target = second-to-last item, history = train items (raw ids)
     test: EvalSet  # target = last item, history = train + valid items
     stats: dict
+    sequences: pa.Table | None = None  # train sequences with raw ids (user_id, items, timestamps)
 
 
 def load_leave_one_out(cfg: DataConfig) -> LeaveOneOutData:
@@ -329,7 +330,7 @@ def leave_one_out_data(interactions: pa.Table, name: str,
              "train_interactions": parts["train"].num_rows}
     valid = EvalSet(valid_rows, catalogue, counts, name=f"{name} valid")
     test = EvalSet(test_rows, catalogue, counts, name=f"{name} test")
-    return LeaveOneOutData(item_ids, train_seqs, valid, test, stats)
+    return LeaveOneOutData(item_ids, train_seqs, valid, test, stats, seqs)
 
 
 class Evaluation:

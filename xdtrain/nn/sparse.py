@@ -1,0 +1,132 @@
+"""Sparse features: how a model reaches embedding rows that live in a parameter server.
+
+The model contract (DESIGN.md "Contracts"); every method in `xdtrain/models/` follows it, and the
+engine (`xdtrain/train/`) knows models only through it:
+
+    class MyModel(nn.Module):                       # the dense part; DDP wraps it
+        def sparse_tables(self) -> list[TableSpec]  # PS tables it needs (name, dim, init, optimizer)
+        def make_batch(self, rows: pa.Table, rng: np.random.Generator) -> dict[str, Tensor]
+            # rows of the training dataset (e.g. user sequences) -> model inputs, negatives drawn here
+        def sparse_ids(self, batch) -> dict[str, Tensor]   # table -> every raw id this batch touches
+        def forward(self, batch, emb: dict[str, Rows]) -> Tensor   # the scalar training loss
+        def scorer(self, rows: pa.Table, pull: Pull) -> Scorer     # evaluation (xdtrain.eval Scorer)
+
+One training step, whatever the backend (`LocalPS` in-process or `PSClient` over Ray actors):
+
+    batch = model.make_batch(rows, rng)
+    emb = pull_rows(ps, model.sparse_ids(batch))     # one deduplicated pull per table
+    loss = model(batch, emb); loss.backward()        # row gradients land in emb[t].weight.grad
+    push_grads(ps, emb)                               # the PS optimizer steps the rows
+    dense_optimizer.step()
+
+Ids are raw int64 (strings are hashed once at ingestion); the PS admits unseen ids itself.
+`Pull` is `pull(table, ids) -> Tensor` with no gradient (evaluation, export).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Pull = Callable[[str, np.ndarray], Tensor]
+
+# Raw ids are arbitrary int64 (0 is a real id in some datasets), so padding in id tensors is -1.
+PAD_ID = -1
+
+
+class Rows:
+    """The rows of one table pulled for one batch: sorted unique ids and a leaf `weight` [n, d] that
+    collects their gradients. Calling it maps any-shaped raw ids to embeddings ([*ids.shape, d]).
+
+    `pad`: an id (e.g. 0 for right-padded sequences) whose embedding is a constant zero vector.
+    """
+
+    def __init__(self, ids: np.ndarray, weight: Tensor, pad: int | None = None) -> None:
+        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        if self.ids.numel() > 1 and not bool((self.ids[1:] > self.ids[:-1]).all()):
+            raise ValueError("Rows ids must be sorted and unique")
+        if weight.shape[0] != self.ids.numel():
+            raise ValueError(f"Rows: {self.ids.numel()} ids but weight has {weight.shape[0]} rows")
+        self.weight = weight
+        self.pad = pad
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    def index(self, ids: Tensor) -> Tensor:
+        """Positions of `ids` in this batch's rows; an id that was not pulled is an error."""
+        flat = ids.reshape(-1).to(torch.int64)
+        pos = torch.searchsorted(self.ids, flat).clamp(max=max(self.ids.numel() - 1, 0))
+        if self.ids.numel() == 0 or not bool((self.ids[pos] == flat).all()):
+            missing = flat[(self.ids.numel() == 0) | (self.ids[pos] != flat)][:5].tolist()
+            raise KeyError(f"ids {missing} were not pulled for this batch (sparse_ids must list every id)")
+        return pos.reshape(ids.shape)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        out = self.weight[self.index(ids)]
+        if self.pad is not None:
+            out = out * (ids != self.pad).unsqueeze(-1).to(out.dtype)
+        return out
+
+    def grad(self) -> np.ndarray:
+        """Row gradients as float32 [n, d] (zeros when nothing reached these rows)."""
+        g = self.weight.grad
+        if g is None:
+            return np.zeros(tuple(self.weight.shape), dtype=np.float32)
+        return g.detach().to(torch.float32).cpu().numpy()
+
+
+def unique_ids(ids: Tensor | np.ndarray) -> np.ndarray:
+    """Sorted unique int64 ids of any-shaped input."""
+    arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+    return np.unique(arr.astype(np.int64, copy=False).reshape(-1))
+
+
+def pull_rows(ps: Any, ids_by_table: dict[str, Tensor | np.ndarray], pads: dict[str, int] | None = None,
+              requires_grad: bool = True) -> dict[str, Rows]:
+    """Pull every table's unique ids (one deduplicated request per table) into trainable `Rows`."""
+    out = {}
+    for table, ids in ids_by_table.items():
+        uniq = unique_ids(ids)
+        weight = ps.pull(table, uniq).detach().clone().requires_grad_(requires_grad)
+        out[table] = Rows(uniq, weight, (pads or {}).get(table))
+    return out
+
+
+def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
+    """Push each table's row gradients (times `scale`) to the PS; returns the number of rows pushed."""
+    n = 0
+    for table, r in rows.items():
+        if r.ids.numel() == 0 or r.weight.grad is None:
+            continue
+        g = r.grad()
+        if scale != 1.0:
+            g *= scale
+        ps.push(table, r.ids.numpy(), g)
+        n += r.ids.numel()
+    return n
+
+
+def prefetch_rows(ps: Any, ids_by_table: dict[str, Tensor | np.ndarray]) -> None:
+    """Start pulling the next batch's rows now (overlaps with this batch's compute when the PS allows)."""
+    for table, ids in ids_by_table.items():
+        ps.prefetch(table, unique_ids(ids))
+
+
+class SparseModel(Protocol):
+    """The methods a model offers the engine (see the module docstring)."""
+
+    def sparse_tables(self) -> list: ...
+
+    def make_batch(self, rows: Any, rng: np.random.Generator) -> dict[str, Tensor]: ...
+
+    def sparse_ids(self, batch: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def __call__(self, batch: dict[str, Tensor], emb: dict[str, Rows]) -> Tensor: ...
+
+    def scorer(self, rows: Any, pull: Pull) -> Any: ...

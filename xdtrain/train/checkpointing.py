@@ -1,0 +1,133 @@
+"""Engine checkpoints: one directory per checkpoint, consistent at one step.
+
+    checkpoint_00000420/
+      engine.json          step, epoch, world size, best validation so far, PS location   (rank 0)
+      dense.safetensors    the model's dense state_dict                                   (rank 0)
+      optimizer.pt         the dense optimizer's state (tensors only: loaded weights_only)  (rank 0)
+      cursor-rank{r}.json  each worker's streaming-reader cursor                          (every rank)
+      ps/                  every PS shard: rows, optimizer state, id map; manifest last     (the shards)
+
+Ray Train merges the workers' files into the run's `checkpoint_*` directory and registers it only
+after every worker reported, so a crash mid-write leaves the previous checkpoint as the latest.
+The PS shards write `ps/` straight to that directory (they may live on other nodes), before the
+workers report, with their own manifest written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ENGINE_FILE = "engine.json"
+DENSE_FILE = "dense.safetensors"
+OPTIM_FILE = "optimizer.pt"
+PS_DIR = "ps"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:09d}"
+
+
+def cursor_file(rank: int) -> str:
+    return f"cursor-rank{rank}.json"
+
+
+@dataclass
+class EngineState:
+    """Where training stands; saved in engine.json."""
+
+    step: int = 0  # optimizer steps taken (global: every worker steps together)
+    epoch: int = 0  # the epoch in progress (or the next one, when `epoch_done`)
+    epoch_done: bool = False
+    world_size: int = 1
+    samples: int = 0  # training rows consumed, all workers
+    best_score: float = float("-inf")
+    best_step: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    bad_validations: int = 0
+    finished: bool = False
+    stop_reason: str = ""
+    validations: list = field(default_factory=list)  # [{"step", "epoch", metric: value}]
+    ps_url: str = ""  # where this checkpoint's PS shards were written
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["best_score"] = None if d["best_score"] == float("-inf") else d["best_score"]
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineState:
+        d = json.loads(text)
+        d["best_score"] = float("-inf") if d.get("best_score") is None else d["best_score"]
+        return cls(**d)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_rank0(directory: str | Path, state: EngineState, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = d / f".{DENSE_FILE}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, d / DENSE_FILE)
+    tmp = d / f".{OPTIM_FILE}.tmp"
+    torch.save(optimizer.state_dict(), tmp)
+    os.replace(tmp, d / OPTIM_FILE)
+    _atomic_write(d / ENGINE_FILE, state.to_json().encode())
+
+
+def save_cursor(directory: str | Path, rank: int, cursor: dict) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_write(d / cursor_file(rank), json.dumps(cursor).encode())
+
+
+def load_state(directory: str | Path) -> EngineState:
+    path = Path(directory) / ENGINE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: not an xdtrain checkpoint (no {ENGINE_FILE})")
+    return EngineState.from_json(path.read_text())
+
+
+def load_dense(directory: str | Path, model: torch.nn.Module) -> None:
+    """The dense weights (safetensors: no pickle); every key must match the model."""
+    model.load_state_dict(load_file(str(Path(directory) / DENSE_FILE)))
+
+
+def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(torch.load(Path(directory) / OPTIM_FILE, weights_only=True))
+
+
+def load_cursors(directory: str | Path, world_size: int) -> list[dict]:
+    """Every old rank's reader cursor, in rank order."""
+    out = []
+    for r in range(world_size):
+        path = Path(directory) / cursor_file(r)
+        if not path.exists():
+            raise FileNotFoundError(f"{directory}: missing {cursor_file(r)} (checkpoint of {world_size} workers)")
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def ps_url(directory: str | Path) -> str:
+    return str(Path(directory) / PS_DIR)
+
+
+def latest_checkpoint(run_storage: str | Path) -> Path | None:
+    """The newest complete checkpoint directory under a run's storage (by step), or None."""
+    root = Path(run_storage)
+    if not root.exists():
+        return None
+    done = [p for p in root.glob("checkpoint_*") if (p / ENGINE_FILE).exists() and (p / PS_DIR).exists()]
+    return max(done, key=lambda p: p.name) if done else None

@@ -1,0 +1,97 @@
+"""Configs of the engine jobs (pretrain, finetune, evaluate): one YAML per experiment, dotted overrides.
+
+    run_dir: runs/demo
+    data:  {source: synthetic, world_config: configs/world_demo.yaml}
+    model: {name: seqrec, backbone: sasrec, d: 48}      # the rest of `model` is the model's own config
+    scale: {workers: 2}                                  # Ray Train workers (min_workers > 0: elastic)
+    ps:    {backend: ray, shards: 2, prefetch: true}
+    train: {epochs: 10, batch_size: 128, lr: 0.001}
+    eval:  {candidates: [full], ks: [10]}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "movielens", "parquet"] = "synthetic"
+    world_config: str = "configs/world_demo.yaml"  # synthetic: generated into <run_dir>/world ...
+    world_url: str = ""  # ... unless an existing world (or any canonical interactions dataset) is given
+    dataset: str = "ml-1m"  # movielens: ml-1m | ml-100k
+    domains: str = "none"  # movielens: none | genre | zip_region | platform
+    min_rating: float = 0.0
+    k_core: int = 5
+    interactions_url: str = ""  # parquet: a canonical interactions dataset at any fsspec URL
+    per_domain_catalogue: bool = True  # rank a target only against items of its own domain
+    train_domains: list[str] = field(default_factory=list)  # train on these domains only (empty = all)
+    eval_domains: list[str] = field(default_factory=list)  # evaluate on these (empty = all)
+    rows_per_group: int = 256  # users per Parquet row group of the training sequences (the shard unit)
+
+
+@dataclass
+class ScaleConfig:
+    workers: int = 2  # Ray Train workers (the maximum when elastic)
+    min_workers: int = 0  # > 0: elastic between min_workers and workers
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    trainer_resource: float = 0.0  # amount of the custom `trainer` resource per worker (0 = none)
+    threads: int = 1  # torch intra-op threads per worker
+    resize_check_s: float = 10.0  # elastic: how often Ray Train looks for more capacity
+    address: str = ""  # Ray address; "" = RAY_ADDRESS or an embedded local Ray
+
+
+@dataclass
+class PSConfig:
+    backend: Literal["ray", "local"] = "ray"  # local: in-process tables (1 worker only)
+    shards: int = 2
+    prefetch: bool = True  # pull the next batch's rows while this batch computes
+    staleness: int = 0  # pushes a prefetched row may miss (0 = exact)
+    max_restarts: int = 3
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 10
+    batch_size: int = 128  # global: split evenly over the workers
+    lr: float = 1e-3  # dense Adam
+    beta1: float = 0.9
+    beta2: float = 0.98
+    weight_decay: float = 0.0
+    seed: int = 0
+    shuffle_buffer: int = 4096  # rows (users) shuffled together by the streaming reader
+    checkpoint_every: int = 0  # steps between checkpoints (0 = at each epoch end only)
+    eval_every: int = 1  # epochs between validations (0 = never validate during training)
+    patience: int = 5  # validations without improvement before stopping (0 = never stop early)
+    max_steps: int = 0  # stop after this many steps (0 = no limit)
+    max_minutes: float = 0.0  # wall budget (0 = none); checked at each step
+    max_failures: int = 3  # worker-group restarts Ray Train may make
+    log_every: int = 10  # steps between progress records
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class EvalSection:
+    candidates: list[str] = field(default_factory=lambda: ["full"])
+    ks: list[int] = field(default_factory=lambda: [10])
+    monitor: str = "ndcg@10"  # on the first candidate mode
+    seed: int = 0
+    batch_size: int = 512
+    baselines: list[str] = field(default_factory=lambda: ["pop"])  # also scored at test time
+
+
+@dataclass
+class EngineConfig:
+    run_dir: str = "runs/pretrain"
+    resume_from: str = ""  # a checkpoint dir; "" = resume automatically if run_dir holds an unfinished run
+    init_from: str = ""  # finetune: start dense + PS from this checkpoint, fresh optimizer and data cursor
+    export_embeddings: bool = True  # write PS tables as Parquet (id, vector) under run_dir/embeddings
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=lambda: {"name": "seqrec"})
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    ps: PSConfig = field(default_factory=PSConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalSection = field(default_factory=EvalSection)

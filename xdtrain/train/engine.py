@@ -1,0 +1,190 @@
+"""The engine's driver: data, PS, Ray Train, progress, final evaluation, embedding export.
+
+    summary = train(load_config(EngineConfig, "configs/demo.yaml"))
+
+1. connect to Ray (`scale.address`, RAY_ADDRESS, or an embedded local Ray);
+2. prepare the data (leave-one-out; train sequences written as Parquet shards under run_dir/data);
+3. build the model once here to learn its PS tables; create the PS (Ray actors, or in-process for
+   one worker) and write its initial state, so any restart before the first checkpoint starts clean;
+4. run `train_loop_per_worker` under `TorchTrainer` (DDP over gloo on CPU, NCCL with GPUs), with
+   FailureConfig retries and, when `scale.min_workers > 0`, elastic between min and max workers;
+5. restore the best validated checkpoint (dense + PS), evaluate it and the baselines on the test
+   split, export the PS tables as Parquet, and write metrics.json beside curves.jsonl.
+
+A second `train` on the same run_dir resumes the run from its latest checkpoint (Ray Train keeps
+the run's state under run_dir/train); `resume_from` points at any checkpoint directory instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from xdtrain.config import ConfigError, to_dict
+from xdtrain.models import build_model
+from xdtrain.train import checkpointing as ck
+from xdtrain.train.config import EngineConfig
+from xdtrain.train.datasets import PreparedData, prepare_data
+from xdtrain.train.evaluation import test_report
+from xdtrain.train.progress import ProgressBoard, ProgressWatcher
+from xdtrain.train.worker import train_loop_per_worker
+
+RUN_NAME = "train"  # Ray Train's run directory inside run_dir
+
+
+def connect_ray(cfg: EngineConfig) -> bool:
+    """Join the configured cluster or start an embedded one; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    address = cfg.scale.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return True
+    need = cfg.scale.workers * cfg.scale.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+             resources={"ps": 8.0, "trainer": float(cfg.scale.workers)},
+             include_dashboard=False, runtime_env=env, log_to_driver=True)
+    return True
+
+
+def _check(cfg: EngineConfig) -> None:
+    s = cfg.scale
+    if s.workers < 1:
+        raise ConfigError(f"scale.workers must be >= 1, got {s.workers}")
+    if s.min_workers and not 1 <= s.min_workers <= s.workers:
+        raise ConfigError(f"scale.min_workers must be in [1, scale.workers={s.workers}], got {s.min_workers}")
+    if cfg.ps.backend == "local" and (s.workers > 1 or s.min_workers > 1):
+        raise ConfigError("ps.backend 'local' keeps tables inside the one worker: use scale.workers=1 "
+                          "or ps.backend=ray")
+    if cfg.ps.shards < 1:
+        raise ConfigError(f"ps.shards must be >= 1, got {cfg.ps.shards}")
+
+
+def make_ps(cfg: EngineConfig, run_id: str):
+    if cfg.ps.backend == "local":
+        from xdtrain.ps import LocalPS
+
+        return LocalPS(cfg.ps.shards, staleness=cfg.ps.staleness)
+    from xdtrain.ps import PSClient
+
+    return PSClient(cfg.ps.shards, name=f"ps-{run_id}", staleness=cfg.ps.staleness,
+                    max_restarts=cfg.ps.max_restarts)
+
+
+def scaling(cfg: EngineConfig) -> ScalingConfig:
+    s = cfg.scale
+    resources = {"CPU": s.cpus_per_worker}
+    if s.trainer_resource > 0:
+        resources["trainer"] = s.trainer_resource
+    workers = (s.min_workers, s.workers) if s.min_workers else s.workers
+    return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                         elastic_resize_monitor_interval_s=s.resize_check_s)
+
+
+def fit(cfg: EngineConfig, data: PreparedData, ps, ps_init: str, board, init_dense: str = "",
+        faults: dict | None = None):
+    """Run the Ray Train part; returns Ray's Result."""
+    run_dir = Path(cfg.run_dir).resolve()
+    config = {
+        "cfg": cfg, "board": board, "storage": str(run_dir / RUN_NAME),
+        "model_data": data.model_data, "train_url": data.train_url,
+        "valid": ray.put(data.valid) if cfg.train.eval_every else None,
+        "ps": ps if cfg.ps.backend == "ray" else None, "ps_init": ps_init, "init_dense": init_dense,
+        "resume_from": cfg.resume_from, "faults": faults or {},
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
+        scaling_config=scaling(cfg),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
+                                               checkpoint_score_attribute="score",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+    with ProgressWatcher(board, run_dir, show=cfg.train.progress):
+        return trainer.fit()
+
+
+def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
+    """The checkpoint of the best validation (or the latest when nothing was validated)."""
+    latest = ck.latest_checkpoint(run_dir / RUN_NAME)
+    if latest is None:
+        raise RuntimeError(f"{run_dir / RUN_NAME}: training wrote no checkpoint")
+    state = ck.load_state(latest)
+    best = run_dir / RUN_NAME / ck.checkpoint_name(state.best_step)
+    if state.best_step >= 0 and (best / ck.ENGINE_FILE).exists():
+        return best, state
+    return latest, state
+
+
+def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
+    """The pretrain job (see the module docstring); returns the summary written to metrics.json."""
+    _check(cfg)
+    t0 = time.time()
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    connect_ray(cfg)
+    data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
+    print(f"[xdtrain] data: {data.stats}")
+    model = build_model(cfg.model, data.model_data, cfg.train.seed)
+    ps = make_ps(cfg, run_dir.name)
+    for spec in model.sparse_tables():
+        ps.create_table(spec)
+    init_dense = ""
+    if cfg.init_from:
+        src = Path(cfg.init_from)
+        ck.load_state(src)  # fails clearly when it is not a checkpoint
+        ps_init, init_dense = ck.ps_url(src), str(src)
+    else:
+        ps_init = str(run_dir / "ps_init")
+        ps.checkpoint(ps_init)
+    board = ProgressBoard.remote()
+    t_fit = time.time()
+    result = fit(cfg, data, ps, ps_init, board, init_dense, faults)
+    if result.error is not None:
+        raise result.error
+    fit_seconds = time.time() - t_fit
+    summary = finish(cfg, data, model, ps, run_dir)
+    attempts = ray.get(board.since.remote(0))[2]
+    summary.update(fit_seconds=round(fit_seconds, 1), wall_seconds=round(time.time() - t0, 1),
+                   attempts=attempts, data=data.stats)
+    if cfg.ps.backend == "ray":
+        summary["ps_stats"] = {k: v for k, v in ps.stats(shards=False).items()}
+    return summary
+
+
+def finish(cfg: EngineConfig, data: PreparedData, model, ps, run_dir: Path) -> dict:
+    """Restore the best checkpoint, test it (and the baselines), export the tables."""
+    best_dir, state = best_checkpoint(run_dir)
+    ck.load_dense(best_dir, model)
+    ps.restore(ck.ps_url(best_dir))
+    print(f"[xdtrain] testing {best_dir.name} (step {state.best_step if state.best_step >= 0 else state.step})")
+    t0 = time.time()
+    tests = test_report(model, ps.pull, data.test, cfg.eval, run_dir / "test", name=cfg.model.get("name", "model"))
+    exports = {}
+    if cfg.export_embeddings:
+        for spec in model.sparse_tables():
+            url = str(run_dir / "embeddings" / f"{spec.name}-step{state.best_step}")
+            if not Path(url, "_MANIFEST.json").exists():
+                ps.export(spec.name, url)
+            exports[spec.name] = url
+    overall = {name: {mode: s["overall"]["all"] for mode, s in modes.items()} for name, modes in tests.items()}
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint": str(best_dir),
+        "steps": state.step, "epochs": state.epoch + (1 if state.epoch_done else 0),
+        "samples": state.samples, "stop_reason": state.stop_reason,
+        "best_step": state.best_step, "valid": state.best_metrics, "validations": state.validations,
+        "test": overall, "test_seconds": round(time.time() - t0, 1), "embeddings": exports,
+        "config_resolved": to_dict(cfg),
+    }

@@ -1,0 +1,113 @@
+"""Live progress of a Ray Train run, shown in the driver.
+
+Ray Train's own `report` reaches only its controller, so rank 0 also sends small records to a
+`ProgressBoard` actor (fire and forget, no CPU reserved). The driver runs `trainer.fit()` in a
+thread and polls the board: it draws a tqdm bar (loss, samples/s, PS rows/s), appends every
+record to `<run_dir>/curves.jsonl`, and lets tests see worker pids and steps (fault injection).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.attempts = 0
+        self.pids: dict[int, int] = {}
+        self.total_steps = 0
+
+    def new_attempt(self, world_size: int) -> int:
+        """Called by rank 0 when a worker group starts; returns the attempt number (0 = first)."""
+        self.attempts += 1
+        self.pids = {}
+        return self.attempts - 1
+
+    def register(self, rank: int, pid: int) -> None:
+        self.pids[rank] = pid
+
+    def set_total(self, steps: int) -> None:
+        self.total_steps = int(steps)
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+
+    def since(self, index: int) -> tuple[list[dict], int, int]:
+        return self.records[index:], self.total_steps, self.attempts
+
+    def worker_pids(self) -> dict[int, int]:
+        return dict(self.pids)
+
+
+class ProgressWatcher:
+    """Polls a board from the driver: tqdm bar + curves.jsonl. Use as a context manager around fit()."""
+
+    def __init__(self, board: Any, run_dir: str | Path, show: bool = True, interval_s: float = 1.0) -> None:
+        self.board, self.interval_s = board, interval_s
+        self.curves = Path(run_dir) / "curves.jsonl"
+        self.curves.parent.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=0, desc="train", unit="step", disable=not show, mininterval=1.0)
+        self.seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.last_train: dict = {}
+
+    def __enter__(self) -> ProgressWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()
+        self.bar.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # the board may be gone while the job shuts down
+                pass
+
+    def poll(self) -> None:
+        records, total, attempts = ray.get(self.board.since.remote(self.seen))
+        self.seen += len(records)
+        if total and self.bar.total != total:
+            self.bar.total = total
+            self.bar.refresh()
+        if not records:
+            return
+        with self.curves.open("a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        for r in records:
+            if r.get("kind") != "train":
+                continue
+            self.last_train = r
+            self.bar.n = int(r["step"])
+            self.bar.set_postfix(epoch=r["epoch"], loss=f"{r['loss']:.4f}", samples_s=f"{r['samples_per_s']:.0f}",
+                                 ps_rows_s=f"{r['ps_rows_per_s']:.0f}", workers=r["workers"],
+                                 attempt=r["attempt"], refresh=False)
+        self.bar.refresh()
+
+
+def wait_for_step(board: Any, step: int, timeout_s: float = 300.0) -> dict:
+    """Block until rank 0 reported a train record at or after `step` (tests use it to time faults)."""
+    deadline, seen = time.time() + timeout_s, 0
+    while time.time() < deadline:
+        records, _, _ = ray.get(board.since.remote(seen))
+        seen += len(records)
+        for r in records:
+            if r.get("kind") == "train" and r["step"] >= step:
+                return r
+        time.sleep(0.2)
+    raise TimeoutError(f"training did not reach step {step} within {timeout_s}s")
