@@ -17,6 +17,12 @@ JOBS: dict[str, tuple[str, str, str, str]] = {
                  "generate a synthetic multi-domain world with planted ground truth"),
     "prepare-movielens": ("xdtrain.data.movielens", "MovieLensConfig", "run_prepare",
                           "convert the shipped MovieLens/Freebase files into canonical Parquet"),
+    "pretrain": ("xdtrain.train.engine", "EngineConfig", "run_pretrain",
+                 "pre-train on the distributed engine (Ray Train workers + sharded PS)"),
+    "finetune": ("xdtrain.train.engine", "EngineConfig", "run_finetune",
+                 "fine-tune from a checkpoint (init_from=...) on the engine"),
+    "evaluate": ("xdtrain.train.engine", "EngineConfig", "run_evaluate",
+                 "test a checkpoint (init_from=...) against the baselines"),
     "train-reference": ("xdtrain.train.reference", "ReferenceConfig", "run_reference",
                         "train a backbone single-process with local tables (the correctness baseline)"),
 }
@@ -25,6 +31,7 @@ JOBS: dict[str, tuple[str, str, str, str]] = {
 def usage() -> str:
     lines = ["usage: xdtrain <job> [--config FILE] [key=value ...]", "", "jobs:"]
     lines += [f"  {name:<20} {help_}" for name, (*_, help_) in JOBS.items()]
+    lines += ["", "other commands:", f"  {'report <run_dir>':<20} render plots, curves.csv and report.html of a run"]
     return "\n".join(lines)
 
 
@@ -34,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "report":
+        from xdtrain.report import main as report_main
+
+        return report_main(rest)
     if name not in JOBS:
         print(f"xdtrain: unknown job '{name}'\n\n{usage()}", file=sys.stderr)
         return 2

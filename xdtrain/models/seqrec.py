@@ -69,7 +69,6 @@ class SeqRec(nn.Module):
         self.backbone = make_backbone(cfg)
         self.cloze = isinstance(self.backbone, BERT4Rec)
         self.seed = seed
-        self._gen = torch.Generator().manual_seed(seed)
         # Dense index 0 is padding in the batch builders; the lookup maps it to PAD_ID.
         self._raw = torch.from_numpy(np.concatenate([[PAD_ID], self.item_ids]))
 
@@ -93,7 +92,9 @@ class SeqRec(nn.Module):
         return pos + 1
 
     def make_batch(self, rows: pa.Table, rng: np.random.Generator) -> dict[str, Tensor]:
-        """Sequences -> next-item (or Cloze) batch with negatives; every id tensor holds raw ids."""
+        """Sequences -> next-item (or Cloze) batch with negatives; every id tensor holds raw ids.
+        All randomness comes from `rng`, so a resumed run rebuilds exactly the same batches."""
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         seqs = [self.dense_index(np.asarray(s, dtype=np.int64)) for s in rows["items"].to_pylist()]
         seqs = [s for s in seqs if len(s) >= 2] or seqs[:1]
         if self.cloze:
@@ -101,9 +102,9 @@ class SeqRec(nn.Module):
         else:
             batch = next_item_batch(seqs, self.cfg.max_len)
         if self.cfg.loss in ("bce", "bpr"):
-            batch = add_negatives(batch, seqs, self.num_items, self.cfg.negatives, self._gen)
+            batch = add_negatives(batch, seqs, self.num_items, self.cfg.negatives, gen)
         else:
-            batch["negatives"] = torch.randint(1, self.num_items + 1, (self.cfg.negatives,), generator=self._gen)
+            batch["negatives"] = torch.randint(1, self.num_items + 1, (self.cfg.negatives,), generator=gen)
         out = {k: (self._raw[v] if k in ("inputs", "targets", "negatives") else v) for k, v in batch.items()}
         out["rows"] = batch["masked"] if self.cloze else batch["mask"]
         return out

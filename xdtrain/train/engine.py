@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from xdtrain.config import ConfigError, to_dict
-from xdtrain.models import build_model
+from xdtrain.models import build_model, model_config
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.datasets import PreparedData, prepare_data
@@ -64,6 +64,7 @@ def _check(cfg: EngineConfig) -> None:
                           "or ps.backend=ray")
     if cfg.ps.shards < 1:
         raise ConfigError(f"ps.shards must be >= 1, got {cfg.ps.shards}")
+    model_config(cfg.model)  # a bad model section fails before any data or Ray work
 
 
 def make_ps(cfg: EngineConfig, run_id: str):
@@ -160,6 +161,7 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
                    attempts=attempts, data=data.stats)
     if cfg.ps.backend == "ray":
         summary["ps_stats"] = {k: v for k, v in ps.stats(shards=False).items()}
+        summary["ps_shard_pids"] = ps.shard_pids()
     return summary
 
 
@@ -188,3 +190,42 @@ def finish(cfg: EngineConfig, data: PreparedData, model, ps, run_dir: Path) -> d
         "test": overall, "test_seconds": round(time.time() - t0, 1), "embeddings": exports,
         "config_resolved": to_dict(cfg),
     }
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def run_pretrain(cfg: EngineConfig) -> dict:
+    """`python -m jobs.pretrain --config ...`: train from scratch (or resume the run in run_dir)."""
+    return train(cfg)
+
+
+def run_finetune(cfg: EngineConfig) -> dict:
+    """`python -m jobs.finetune --config ... init_from=<checkpoint>`: start dense + PS from a
+    checkpoint (fresh optimizer and data cursor) and train on this config's data."""
+    if not cfg.init_from:
+        raise ConfigError("finetune: set init_from=<checkpoint directory> (e.g. a pretrain run's "
+                          "train/checkpoint_*)")
+    return train(cfg)
+
+
+def run_evaluate(cfg: EngineConfig) -> dict:
+    """`python -m jobs.evaluate --config ... init_from=<checkpoint>`: test a checkpoint, no training."""
+    if not cfg.init_from:
+        raise ConfigError("evaluate: set init_from=<checkpoint directory>")
+    src = Path(cfg.init_from).resolve()
+    state = ck.load_state(src)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.ps.backend == "ray":
+        connect_ray(cfg)
+    data = prepare_data(cfg.data, run_dir, min_groups=1)
+    model = build_model(cfg.model, data.model_data, cfg.train.seed)
+    ck.load_dense(src, model)
+    ps = make_ps(cfg, run_dir.name)
+    ps.restore(ck.ps_url(src))
+    t0 = time.time()
+    tests = test_report(model, ps.pull, data.test, cfg.eval, run_dir / "test", name=cfg.model.get("name", "model"))
+    overall = {name: {mode: s["overall"]["all"] for mode, s in modes.items()} for name, modes in tests.items()}
+    return {"run_dir": str(run_dir), "checkpoint": str(src), "checkpoint_step": state.step, "test": overall,
+            "test_seconds": round(time.time() - t0, 1), "data": data.stats}

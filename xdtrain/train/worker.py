@@ -41,6 +41,9 @@ from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.evaluation import RankingEval
 
+# Checkpoints without a validation rank below every validated one (finite: Ray saves scores as JSON).
+NO_SCORE = -1e30
+
 
 @dataclass
 class Pending:
@@ -105,6 +108,8 @@ class Worker:
         self.state = ck.EngineState(world_size=self.world)
         self._restore(config)
         self.state.world_size = self.world
+        if self.state.stop_reason in ("max_steps", "time budget"):  # a budget stop: the new budget applies
+            self.state.finished, self.state.stop_reason = False, ""
         self.ddp = ray.train.torch.prepare_model(
             self.model, parallel_strategy_kwargs={
                 "find_unused_parameters": bool(getattr(self.model, "ddp_find_unused_parameters", False))})
@@ -139,9 +144,11 @@ class Worker:
         else:
             if config.get("init_dense"):
                 ck.load_dense(config["init_dense"], self.model)
+            ps_src = config["ps_init"]
             if self.rank == 0:
-                self.ps.restore(config["ps_init"])
+                self.ps.restore(ps_src)
         _barrier(self.world)
+        self._committed(ps_src)
 
     # ---- data ------------------------------------------------------------------------------------
     def _read(self, it) -> Pending | None:
@@ -244,10 +251,17 @@ class Worker:
                 ck.save_rank0(tmp, self.state, self.model, self.optimizer)
             score = (metrics or {}).get(self.valid.monitor) if self.valid is not None else None
             report = {"step": self.state.step, "epoch": self.state.epoch,
-                      "score": float(score) if score is not None else -math.inf, **(metrics or {})}
+                      "score": float(score) if score is not None else NO_SCORE, **(metrics or {})}
             ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._committed(self.state.ps_url)
+
+    def _committed(self, url: str) -> None:
+        """Every worker's PS client learns the checkpoint that now holds all pushes (rank 0 wrote or
+        restored it), so a failed shard is reset to it and each client replays only later pushes."""
+        if self.rank != 0 and hasattr(self.ps, "checkpoint_committed"):
+            self.ps.checkpoint_committed(url)
 
     def _inject_faults(self) -> None:
         """Testing aid (`faults` in the job config): kill a worker or a PS shard once, at a given step."""
@@ -255,10 +269,14 @@ class Worker:
             return
         if self.faults.get("kill_worker_at_step") == self.state.step and \
                 self.faults.get("kill_rank", self.world - 1) == self.rank:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._fault("worker", os.getpid())
         if self.faults.get("kill_ps_shard_at_step") == self.state.step and self.rank == 0:
-            pid = self.ps.shard_pids()[int(self.faults.get("shard", 0))]
-            os.kill(pid, signal.SIGKILL)
+            self._fault("ps_shard", self.ps.shard_pids()[int(self.faults.get("shard", 0))])
+
+    def _fault(self, target: str, pid: int) -> None:
+        ray.get(self.board.add.remote({"kind": "fault", "step": self.state.step, "epoch": self.state.epoch,
+                                       "target": target, "pid": pid, "rank": self.rank}))
+        os.kill(pid, signal.SIGKILL)
 
     def attempt_of_group(self) -> int:
         if not hasattr(self, "_group_attempt"):
@@ -274,6 +292,9 @@ class Worker:
         deadline = self.t_start + t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         self.attempt_of_group()
         while not s.finished:
+            if t.max_steps and s.step >= t.max_steps:
+                s.finished, s.stop_reason = True, "max_steps"
+                break
             if s.epoch_done:
                 s.epoch, s.epoch_done = s.epoch + 1, False
             if s.epoch >= t.epochs:

@@ -1,0 +1,20 @@
+"""`python -m jobs.pretrain --config <yaml> [key=value ...]` (also `xdtrain pretrain`, and under `ray job submit`).
+
+See xdtrain/train/engine.py (run_pretrain) for what it does; outputs and metrics.json go under run_dir.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from xdtrain.jobrunner import job_main
+from xdtrain.train.config import EngineConfig
+from xdtrain.train.engine import run_pretrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main("pretrain", EngineConfig, run_pretrain, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
