@@ -301,6 +301,7 @@ class Worker:
                 s.finished, s.stop_reason = True, "epochs"
                 break
             self.reader.set_epoch(s.epoch)
+            self._window_t = time.perf_counter()  # throughput windows exclude validation and checkpoints
             it = iter(self.reader)
             nxt = self._read(it)
             cursor = nxt.cursor if nxt is not None else self.reader.state_dict()
