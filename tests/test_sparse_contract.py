@@ -11,8 +11,8 @@ from xdtrain.models import ModelData, build_model
 from xdtrain.models.seqrec import SeqRec, SeqRecConfig
 from xdtrain.nn.sparse import PAD_ID, Rows, pull_rows, push_grads
 from xdtrain.ps import LocalPS, OptimizerSpec, TableSpec
-from xdtrain.train.reference import Recommender, make_backbone
 from xdtrain.train.reference import ModelConfig as RefModelConfig
+from xdtrain.train.reference import Recommender, make_backbone
 
 
 def test_rows_lookup_gradients_equal_an_embedding_table():
