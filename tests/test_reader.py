@@ -278,3 +278,147 @@ def test_memory_is_bounded_by_the_windows_not_the_data(tmp_path, shuffle_buffer)
         peak = max(peak, pa.total_allocated_bytes() - base)
     assert rows == 200_000
     assert peak < 6 * window_bytes < data_bytes  # current + prefetched windows and their copies
+
+
+# --- elastic resume: another world size picks up the epoch's unconsumed rows ----------------------
+
+
+def consume(url: str, world: int, stops: list[int], epoch: int = 0, **kw) -> tuple[list[int], list[dict]]:
+    """Each rank of `world` yields `stops[rank]` batches of `epoch`; returns the ids seen and all states."""
+    seen, states = [], []
+    for rank in range(world):
+        reader = ParquetStreamReader(url, world_size=world, rank=rank, **kw)
+        reader.set_epoch(epoch)
+        it = iter(reader)
+        seen += ids_of(next(it) for _ in range(stops[rank]))
+        states.append(json.loads(json.dumps(reader.state_dict())))
+    return seen, states
+
+
+def resume_on(url: str, world: int, states: list[dict], **kw) -> list[ParquetStreamReader]:
+    readers = [ParquetStreamReader(url, world_size=world, rank=r, **kw) for r in range(world)]
+    for reader in readers:
+        reader.load_global_state(states)
+    return readers
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (3, 2), (2, 3)])
+@pytest.mark.parametrize("shuffle_buffer", [0, 150])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_elastic_resume_is_exactly_once_then_normal(local_ds, old_world, new_world, shuffle_buffer, seed):
+    rng = np.random.default_rng([seed, old_world, new_world, shuffle_buffer])
+    kw = dict(shuffle_buffer=shuffle_buffer, seed=seed)
+    old_bs = int(rng.integers(1, 90))
+    lens = [
+        len(ParquetStreamReader(local_ds, batch_size=old_bs, world_size=old_world, rank=r, **kw))
+        for r in range(old_world)
+    ]
+    stops = [int(rng.integers(1, n)) for n in lens]  # every old rank is mid-epoch
+    before, states = consume(local_ds, old_world, stops, epoch=1, batch_size=old_bs, **kw)
+
+    readers = resume_on(local_ds, new_world, states, batch_size=int(rng.integers(1, 90)), **kw)
+    after = [ids_of(r) for r in readers]
+    assert Counter(before) + Counter(i for a in after for i in a) == Counter(range(TOTAL))
+    assert [len(a) for a in after] == [r.epoch_rows() for r in readers]
+    assert max(map(len, after)) - min(map(len, after)) <= 1  # equal shares of the remainder
+    assert all(ids_of(r) == [] for r in readers)  # the epoch is done until the next set_epoch
+
+    for rank, reader in enumerate(readers):  # the next epoch is an ordinary one on the new world
+        reader.set_epoch(2)
+        assert reader.state_dict()["elastic"] == []
+        fresh = ParquetStreamReader(
+            local_ds, batch_size=reader.batch_size, world_size=new_world, rank=rank, **kw
+        )
+        fresh.set_epoch(2)
+        assert ids_of(reader) == ids_of(fresh)
+
+
+def test_elastic_resume_without_shuffle_by_hand(local_ds):
+    # Two old ranks stop after 3 and 1 batches of 50; one new rank yields rank 0's tail, then rank 1's.
+    full = [ids_of(ParquetStreamReader(local_ds, batch_size=50, world_size=2, rank=r)) for r in range(2)]
+    before, states = consume(local_ds, 2, [3, 1], batch_size=50)
+    assert before == full[0][:150] + full[1][:50]
+    (one,) = resume_on(local_ds, 1, states, batch_size=100)
+    assert ids_of(one) == full[0][150:] + full[1][50:]
+    # One old rank stops after 250 rows; two new ranks split the rest in order, halves within a row.
+    solo = ids_of(ParquetStreamReader(local_ds, batch_size=50))
+    _, states = consume(local_ds, 1, [5], batch_size=50)
+    a, b = (ids_of(r) for r in resume_on(local_ds, 2, states, batch_size=64))
+    assert a + b == solo[250:] and (len(a), len(b)) == (429, 429)  # (1108 - 250) / 2
+
+
+def test_elastic_resume_twice_in_one_epoch(local_ds):
+    # 2 -> 3 -> 1 within epoch 0, each world interrupted mid-way; the state stays a few numbers.
+    kw = dict(shuffle_buffer=150, seed=9)
+    before, states = consume(local_ds, 2, [4, 2], batch_size=30, **kw)
+    middle = resume_on(local_ds, 3, states, batch_size=20, **kw)
+    states = []
+    for reader, stop in zip(middle, [3, 0, 5]):
+        it = iter(reader)
+        before += ids_of(next(it) for _ in range(stop))
+        states.append(json.loads(json.dumps(reader.state_dict())))
+    assert states[0]["elastic"] == [{"world_size": 2, "rows": [120, 60]}]
+    (last,) = resume_on(local_ds, 1, states, batch_size=64, **kw)
+    assert last.state_dict()["elastic"] == [
+        {"world_size": 2, "rows": [120, 60]},
+        {"world_size": 3, "rows": [60, 0, 100]},
+    ]
+    assert len(json.dumps(last.state_dict())) < 400
+    assert Counter(before) + Counter(ids_of(last)) == Counter(range(TOTAL))
+
+
+def test_a_resumed_epoch_resumes_on_the_same_world(local_ds):
+    kw = dict(shuffle_buffer=150, seed=4)
+    _, states = consume(local_ds, 3, [2, 5, 1], batch_size=40, **kw)
+    reference = [ids_of(r) for r in resume_on(local_ds, 2, states, batch_size=40, **kw)]
+    reader = resume_on(local_ds, 2, states, batch_size=40, **kw)[1]
+    it = iter(reader)
+    head = ids_of(next(it) for _ in range(3))
+    restored = ParquetStreamReader(local_ds, batch_size=25, world_size=2, rank=1, **kw)
+    restored.load_state_dict(json.loads(json.dumps(reader.state_dict())))
+    assert head + ids_of(restored) == reference[1]  # same order as the uninterrupted resumed epoch
+    again = ParquetStreamReader(local_ds, batch_size=40, world_size=2, rank=1, **kw)
+    again.load_global_state(
+        [reader.state_dict(), resume_on(local_ds, 2, states, batch_size=40, **kw)[0].state_dict()]
+    )
+    assert head + ids_of(again) == reference[1]  # same world size: load_global_state == load_state_dict
+
+
+def test_elastic_resume_at_an_epoch_start_is_an_ordinary_epoch(local_ds):
+    kw = dict(batch_size=64, shuffle_buffer=150, seed=3)
+    _, states = consume(local_ds, 2, [0, 0], epoch=5, **kw)
+    for rank, reader in enumerate(resume_on(local_ds, 3, states, **kw)):
+        fresh = ParquetStreamReader(local_ds, world_size=3, rank=rank, **kw)
+        fresh.set_epoch(5)
+        assert reader.state_dict()["elastic"] == [] and ids_of(reader) == ids_of(fresh)
+
+
+def test_elastic_resume_when_one_rank_already_moved_to_the_next_epoch(local_ds):
+    kw = dict(batch_size=50, shuffle_buffer=150, seed=2)
+    r0 = ParquetStreamReader(local_ds, world_size=2, rank=0, **kw)
+    ids_of(r0)  # rank 0 finished epoch 0 ...
+    r0.set_epoch(1)  # ... and announced epoch 1
+    full1 = ids_of(ParquetStreamReader(local_ds, world_size=2, rank=1, **kw))
+    r1 = ParquetStreamReader(local_ds, world_size=2, rank=1, **kw)
+    it = iter(r1)
+    assert ids_of(next(it) for _ in range(2)) == full1[:100]
+    (one,) = resume_on(local_ds, 1, [r0.state_dict(), r1.state_dict()], **kw)
+    assert one.epoch == 0 and sorted(ids_of(one)) == sorted(full1[100:])  # only rank 1's tail was left
+    with pytest.raises(ValueError, match=r"epochs 0 and 1 with rows yielded in both"):
+        resume_on(local_ds, 1, [dict(r0.state_dict(), rows_emitted=10), r1.state_dict()], **kw)
+
+
+def test_elastic_resume_refuses_incomplete_or_foreign_states(local_ds):
+    kw = dict(batch_size=50, shuffle_buffer=150, seed=2)
+    _, states = consume(local_ds, 3, [1, 1, 1], **kw)
+    with pytest.raises(ValueError, match=r"every rank of one world: got ranks \[0, 2\]"):
+        resume_on(local_ds, 2, [states[0], states[2]], **kw)
+    with pytest.raises(ValueError, match=r"rank 0 has seed=2 but this reader has 5"):
+        resume_on(local_ds, 2, states, **dict(kw, seed=5))
+    with pytest.raises(ValueError, match=r"rank 1 has 7 units / 999 rows, but this dataset gives"):
+        resume_on(local_ds, 2, [states[0], dict(states[1], num_units=7, num_rows=999), states[2]], **kw)
+    rows1 = ParquetStreamReader(local_ds, world_size=3, rank=1, **kw).num_rows()
+    with pytest.raises(ValueError, match=rf"old rank 1: rows_emitted=5000 outside \[0, {rows1}\]"):
+        resume_on(local_ds, 2, [states[0], dict(states[1], rows_emitted=5000), states[2]], **kw)
+    with pytest.raises(ValueError, match=r"needs the reader state of every old rank, got none"):
+        resume_on(local_ds, 2, [], **kw)
