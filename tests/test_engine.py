@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from enginekit import curve, engine_config, make_world, records, sequences_in
 
-from xdtrain.config import ConfigError, load_config
-from xdtrain.data.synthetic import WorldConfig, generate_world
+from xdtrain.config import ConfigError
 from xdtrain.ps import read_export
 from xdtrain.train import checkpointing as ck
-from xdtrain.train.config import EngineConfig
 from xdtrain.train.engine import run_evaluate, train
 
 pytestmark = pytest.mark.ray
@@ -23,33 +22,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("engine") / "world"
-    cfg = load_config(WorldConfig, "configs/world_demo.yaml",
-                      ["users.n_users=800", "graph.n_entities=200", "graph.n_triplets=400", f"out={out}"])
-    generate_world(cfg, str(out), progress=False)
-    return str(out)
-
-
-def engine_config(world: str, run_dir: Path, *overrides: str) -> EngineConfig:
-    base = [f"run_dir={run_dir}", f"data.world_url={world}", "model.d=16", "model.max_len=20",
-            "model.layers=1", "train.batch_size=64", "train.epochs=2", "train.log_every=1",
-            "train.progress=false", "train.eval_every=1", "eval.candidates=[full]"]
-    return load_config(EngineConfig, "configs/demo.yaml", base + list(overrides))
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "curves.jsonl").read_text().splitlines()]
-
-
-def curve(run_dir: Path) -> dict[int, float]:
-    """Train loss by step (the last record of a step wins, as after a restart)."""
-    return {r["step"]: r["loss"] for r in records(run_dir) if r["kind"] == "train"}
-
-
-def sequences_in(world_run: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(world_run / "data" / "train" / "part-00000.parquet").metadata.num_rows
+    return make_world(tmp_path_factory.mktemp("engine") / "world")
 
 
 def test_two_workers_two_shards_learn_and_beat_popularity(ray_cluster, world, tmp_path):

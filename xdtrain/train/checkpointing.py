@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,8 +30,10 @@ OPTIM_FILE = "optimizer.pt"
 PS_DIR = "ps"
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:09d}"
+def checkpoint_name(step: int, attempt: int = 0) -> str:
+    """Unique per worker-group attempt: a step redone after a restart never reuses a directory that
+    Ray Train registered (or deleted) before. Sorted by name = sorted by (step, attempt)."""
+    return f"checkpoint_{step:09d}_a{attempt:03d}"
 
 
 def cursor_file(rank: int) -> str:
@@ -48,6 +51,7 @@ class EngineState:
     samples: int = 0  # training rows consumed, all workers
     best_score: float = float("-inf")
     best_step: int = -1
+    best_dir: str = ""  # checkpoint directory name of the best validation
     best_metrics: dict = field(default_factory=dict)
     bad_validations: int = 0
     finished: bool = False
@@ -131,3 +135,18 @@ def latest_checkpoint(run_storage: str | Path) -> Path | None:
         return None
     done = [p for p in root.glob("checkpoint_*") if (p / ENGINE_FILE).exists() and (p / PS_DIR).exists()]
     return max(done, key=lambda p: p.name) if done else None
+
+
+def prune(run_storage: str | Path, keep: int, protect: set[str]) -> list[str]:
+    """Delete all but the newest `keep` checkpoint directories, never one named in `protect` (the best).
+
+    The engine prunes itself instead of Ray Train's `num_to_keep`: Ray's retention deleted the same
+    directory twice after elastic restarts (and then failed the run), and it cannot know that the PS
+    state lives inside the directory too.
+    """
+    root = Path(run_storage)
+    dirs = sorted(p for p in root.glob("checkpoint_*") if p.is_dir())
+    doomed = [p for p in dirs[: max(0, len(dirs) - keep)] if p.name not in protect]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in doomed]

@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from xdtrain.config import ConfigError, to_dict
 from xdtrain.models import build_model, model_config
@@ -44,7 +45,10 @@ def connect_ray(cfg: EngineConfig) -> bool:
     env = {"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
     address = cfg.scale.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # Under `ray job submit` the job's runtime_env already applies (cluster/runtime_env.py) and
+        # Ray refuses a second one with the same keys.
+        in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+        ray.init(address=address, runtime_env=None if in_job else env, log_to_driver=True)
         return True
     need = cfg.scale.workers * cfg.scale.cpus_per_worker
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
@@ -107,9 +111,8 @@ def fit(cfg: EngineConfig, data: PreparedData, ps, ps_init: str, board, init_den
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints),
-                                               checkpoint_score_attribute="score",
-                                               checkpoint_score_order="max"),
+            # Retention is the engine's own (checkpointing.prune): keep every registered checkpoint here.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
     with ProgressWatcher(board, run_dir, show=cfg.train.progress):
@@ -122,8 +125,8 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
     if latest is None:
         raise RuntimeError(f"{run_dir / RUN_NAME}: training wrote no checkpoint")
     state = ck.load_state(latest)
-    best = run_dir / RUN_NAME / ck.checkpoint_name(state.best_step)
-    if state.best_step >= 0 and (best / ck.ENGINE_FILE).exists():
+    best = run_dir / RUN_NAME / state.best_dir
+    if state.best_dir and (best / ck.ENGINE_FILE).exists():
         return best, state
     return latest, state
 
@@ -149,7 +152,9 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     else:
         ps_init = str(run_dir / "ps_init")
         ps.checkpoint(ps_init)
-    board = ProgressBoard.remote()
+    # On the driver's node: it must outlive any worker node that is lost or removed.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    board = ProgressBoard.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote()
     t_fit = time.time()
     result = fit(cfg, data, ps, ps_init, board, init_dense, faults)
     if result.error is not None:

@@ -68,7 +68,10 @@ class ProgressWatcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self.poll()
+        try:
+            self.poll()
+        except Exception as e:  # progress is best effort: never fail a finished run over it
+            print(f"[xdtrain] progress board unavailable at the end of the run ({type(e).__name__})")
         self.bar.close()
 
     def _loop(self) -> None:

@@ -41,8 +41,9 @@ from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.evaluation import RankingEval
 
-# Checkpoints without a validation rank below every validated one (finite: Ray saves scores as JSON).
-NO_SCORE = -1e30
+# Checkpoints without a validation rank below every validated one, newer above older (finite and
+# distinct: Ray saves scores as JSON, and equal scores confused its retention of old checkpoints).
+NO_SCORE = -1e9
 
 
 @dataclass
@@ -239,8 +240,10 @@ class Worker:
     def _checkpoint(self, cursor: dict, metrics: dict | None = None) -> None:
         self.ps.flush()
         _barrier(self.world)
-        name = ck.checkpoint_name(self.state.step)
+        name = ck.checkpoint_name(self.state.step, self.attempt_of_group())
         final = os.path.join(self.storage, name)
+        if metrics and self.state.best_step == self.state.step:
+            self.state.best_dir = name
         self.state.ps_url = ck.ps_url(final)
         if self.rank == 0:
             self.ps.checkpoint(self.state.ps_url)
@@ -251,11 +254,13 @@ class Worker:
                 ck.save_rank0(tmp, self.state, self.model, self.optimizer)
             score = (metrics or {}).get(self.valid.monitor) if self.valid is not None else None
             report = {"step": self.state.step, "epoch": self.state.epoch,
-                      "score": float(score) if score is not None else NO_SCORE, **(metrics or {})}
+                      "score": float(score) if score is not None else NO_SCORE + self.state.step, **(metrics or {})}
             ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._committed(self.state.ps_url)
+        if self.rank == 0:
+            ck.prune(self.storage, self.cfg.train.keep_checkpoints, {self.state.best_dir, name})
 
     def _committed(self, url: str) -> None:
         """Every worker's PS client learns the checkpoint that now holds all pushes (rank 0 wrote or
