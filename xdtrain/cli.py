@@ -23,6 +23,8 @@ JOBS: dict[str, tuple[str, str, str, str]] = {
                  "fine-tune from a checkpoint (init_from=...) on the engine"),
     "evaluate": ("xdtrain.train.engine", "EngineConfig", "run_evaluate",
                  "test a checkpoint (init_from=...) against the baselines"),
+    "build-graph": ("graph.build", "GraphBuildConfig", "run_build_graph",
+                    "build a DGL entity graph from triplet Parquet (saved for later jobs)"),
     "train-reference": ("xdtrain.train.reference", "ReferenceConfig", "run_reference",
                         "train a backbone single-process with local tables (the correctness baseline)"),
 }

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdtrain.config import load_config
-from xdtrain.jobrunner import write_json_atomic
-from xdtrain.report import render_report
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.engine import train
 
@@ -25,8 +23,6 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> dict:
     engine_cfg = load_config(EngineConfig, cfg.config, [f"run_dir={cfg.run_dir}"])
     summary = train(engine_cfg)
-    write_json_atomic(f"{summary['run_dir']}/metrics.json", summary)  # the report reads it
-    report = render_report(summary["run_dir"])
     model, pop = summary["test"]["seqrec"]["full"], summary["test"]["pop"]["full"]
     print("\n[demo] test split, full-catalogue ranking within each domain (best checkpoint, "
           f"step {summary['best_step']}):")
@@ -37,5 +33,5 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"{summary['steps']} steps on {engine_cfg.scale.workers} workers + {engine_cfg.ps.shards}-shard PS "
           f"in {summary['fit_seconds']}s")
     print(f"[demo] run directory: {summary['run_dir']} (metrics.json, curves.jsonl, test/, embeddings/)")
-    print(f"[demo] report: {report.get('html') or report}  (re-render: xdtrain report {summary['run_dir']})")
+    print(f"[demo] report: {summary['report']}  (re-render: xdtrain report {summary['run_dir']})")
     return summary

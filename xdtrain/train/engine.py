@@ -27,7 +27,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from xdtrain.config import ConfigError, to_dict
+from xdtrain.jobrunner import write_json_atomic
 from xdtrain.models import build_model, model_config
+from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.datasets import PreparedData, prepare_data
@@ -167,6 +169,9 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     if cfg.ps.backend == "ray":
         summary["ps_stats"] = {k: v for k, v in ps.stats(shards=False).items()}
         summary["ps_shard_pids"] = ps.shard_pids()
+    write_json_atomic(run_dir / "metrics.json", summary)  # the job runner rewrites it with the config
+    summary["report"] = render_report(str(run_dir)).get("html", "")
+    print(f"[xdtrain] report: {summary['report']}")
     return summary
 
 
