@@ -141,6 +141,9 @@ def plot_loss(train: list[dict], path: Path) -> Figure:
 
 def plot_valid(valid: list[dict], path: Path) -> Figure:
     metrics = list(dict.fromkeys(k for r in valid for k in r if k not in KEYS))
+    # Rates (HR, NDCG, MRR, AUC, ...) share one 0-1 axis; unbounded ones such as the mean rank
+    # would flatten them, so they stay in the HTML table only.
+    metrics = [m for m in metrics if all(0.0 <= r.get(m, 0.0) <= 1.0 for r in valid)] or metrics
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for name in metrics:
