@@ -12,11 +12,11 @@ import torch
 
 from xdtrain.ps.checkpoint import CheckpointError, read_manifest
 from xdtrain.ps.export import read_export
+from xdtrain.ps.ids import dedup
 from xdtrain.ps.index import IdIndex
 from xdtrain.ps.init import init_rows, table_key
 from xdtrain.ps.local import LocalPS
 from xdtrain.ps.optim import OptimizerSpec
-from xdtrain.ps.router import dedup
 from xdtrain.ps.server import InjectedFault
 from xdtrain.ps.slots import SlotMap, slot_of
 from xdtrain.ps.table import ShardTable, TableSpec
@@ -287,3 +287,129 @@ def test_replay_log_copies_overflows_and_reuses_its_blocks():
     assert log.overflowed and len(log) == 0 and log.nbytes == 0
     log.truncate()
     assert not log.overflowed and log.add_push("t", 7, ids, g)
+
+
+@pytest.mark.parametrize("space", [1000, 50_000, 400_000, 2**62])
+def test_id_index_direct_range_and_hash_agree_with_a_dict(space):
+    # compact ids use the direct-mapped range, others the hash table; ids move between them on growth
+    rng = np.random.default_rng(space % 97)
+    idx, keys, ref = IdIndex(), np.empty(0, np.int64), {}
+    for _ in range(12):
+        new = np.setdiff1d(rng.integers(-3, space, int(rng.integers(1, 4000))), keys)
+        new = rng.permutation(new)
+        pos = np.arange(len(keys), len(keys) + len(new))
+        keys = np.concatenate([keys, new])
+        idx.insert(new, pos, keys=keys)
+        ref.update(zip(new.tolist(), pos.tolist()))
+        probe = np.concatenate([rng.integers(-5, space, 300), keys[rng.integers(0, len(keys), 300)]])
+        np.testing.assert_array_equal(idx.lookup(probe), [ref.get(int(x), -1) for x in probe])
+    assert len(idx) == len(keys)
+    if space <= 50_000:  # compact: only the negative ids in the hash table, 4 bytes per direct entry
+        assert idx._ht_n == (keys < 0).sum() and idx._dense.nbytes <= 4 * (space + 4096)
+    else:  # sparse: the direct range stays within 8 entries per id
+        assert 0 < idx._ht_n and len(idx._dense) <= max(65536, 8 * len(keys))
+    idx.reset(keys[::-1].copy())
+    np.testing.assert_array_equal(idx.lookup(keys), np.arange(len(keys))[::-1])
+
+
+def test_sorted_unique_ids_skip_dedup_and_pull_the_same_rows():
+    ids = np.array([-4, 0, 3, 9, 2**40], dtype=np.int64)
+    u, inv = dedup(ids)
+    assert u is ids and inv is None  # strictly increasing: no sort, no copy
+    u, inv = dedup(np.array([1, 3, 3, 7]))  # sorted but repeated: still deduplicated
+    np.testing.assert_array_equal(u, [1, 3, 7])
+    np.testing.assert_array_equal(u[inv], [1, 3, 3, 7])
+    rng = np.random.default_rng(5)
+    for ids in (rng.permutation(10_000) - 5000, rng.permutation(10_000) + 2**40):  # int32-sized or not
+        assert dedup(ids)[1] is None
+        rep = np.concatenate([ids, ids[:1]])
+        u, inv = dedup(rep)
+        assert len(u) == len(ids) and np.array_equal(u[inv], rep)
+    ps = LocalPS(3)
+    ps.create_table(TableSpec("t", 4))
+    rng = np.random.default_rng(0)
+    shuffled = rng.permutation(5000) - 100
+    by_id = dict(zip(shuffled.tolist(), ps.pull("t", shuffled).numpy()))
+    srt = np.unique(rng.integers(-100, 4900, 3000))
+    np.testing.assert_array_equal(ps.pull("t", srt).numpy(), np.stack([by_id[i] for i in srt.tolist()]))
+
+
+def test_split_matches_per_shard_masks_and_slot_hash():
+    from xdtrain.ps.init import mix64
+    from xdtrain.ps.slots import _SLOT_SALT
+
+    ids = np.random.default_rng(1).integers(-(2**63), 2**63 - 1, 20000)
+    for num_slots in (4096, 1000):
+        want = (mix64(ids.view(np.uint64) ^ _SLOT_SALT) % np.uint64(num_slots)).astype(np.int64)
+        np.testing.assert_array_equal(slot_of(ids, num_slots), want)
+    m = SlotMap.even(4096, 5)
+    shard = m.shard_of(ids)
+    groups = m.split(ids)
+    assert [k for k, _ in groups] == [0, 1, 2, 3, 4]
+    for k, sel in groups:
+        np.testing.assert_array_equal(sel, np.flatnonzero(shard == k))
+
+
+@pytest.mark.parametrize("dtype,min_count", [("float32", 1), ("float16", 1), ("float32", 10)])
+def test_pull_into_places_rows_like_pull(dtype, min_count):
+    t = ShardTable(TableSpec("t", 8, dtype=dtype, min_count=min_count))
+    ids = np.random.default_rng(2).permutation(3000).astype(np.int64)
+    for _ in range(min_count):  # min_count 10: ids[:2000] admitted, the rest read the zero row
+        t.pull(ids[:2000])
+    want = t.pull(ids.copy()).astype(np.float32)
+    assert (want[:2000] != 0).all() and (min_count == 1) == (want[2000:] != 0).all()
+    out = np.full((4000, 8), 7.0, np.float32)
+    where = np.random.default_rng(3).permutation(4000)[:3000]
+    t._scratch = np.empty((256, 8), t.rows.dtype)  # force several chunks
+    t.pull_into(ids, 0, out, where)
+    np.testing.assert_array_equal(out[where], want)
+    untouched = np.setdiff1d(np.arange(4000), where)
+    assert (out[untouched] == 7.0).all()
+    out2 = np.zeros((3000, 8), np.float32)
+    t.pull_into(ids, 0, out2)
+    np.testing.assert_array_equal(out2, want)
+
+
+def test_channel_needs_the_token_keeps_order_and_returns_errors_by_class():
+    from xdtrain.ps.channel import Channel, ChannelClosed, ChannelServer, RemoteError
+
+    def handler(method, incarnation, version, args):
+        if method == "push":
+            raise ValueError(f"bad grads from {incarnation} v{version}")
+        if method == "pull_shm":
+            raise OSError("boom")
+        return args[0] * 2
+
+    server = ChannelServer(handler, frozenset({"pull", "push", "pull_shm"}))
+    chan = Channel(server.address, server.token, {"ValueError": ValueError})
+    big = [np.full((256, 256), i, np.float32) for i in range(40)]  # 10 MB each way: more than the socket
+    tickets = [chan.submit("pull", None, None, (a,)) for a in big]  # holds, none read yet
+    errs = [chan.submit(m, "inc", 3, (1,)) for m in ("push", "pull_shm", "evict")]
+    for i, t in enumerate(tickets):
+        np.testing.assert_array_equal(t.result(), big[i] * 2)  # responses in request order
+    with pytest.raises(ValueError, match="bad grads from inc v3"):
+        errs[0].result()
+    with pytest.raises(RemoteError, match="OSError: boom"):
+        errs[1].result()
+    with pytest.raises(RemoteError, match="not served over the channel"):
+        errs[2].result()
+    intruder = Channel(server.address, "0" * 32, {})
+    with pytest.raises(ChannelClosed):
+        intruder.submit("pull", None, None, (np.arange(3),)).result()
+    assert intruder.closed and not chan.closed
+    chan.close()
+    with pytest.raises(ChannelClosed):
+        chan.submit("pull", None, None, (np.arange(3),)).result()
+
+
+def test_repeated_ids_are_grouped_by_shard_and_read_the_same_rows():
+    ids = np.random.default_rng(6).integers(-50, 3000, 5000)  # many repeats
+    one, three = LocalPS(1), LocalPS(3)
+    for ps in (one, three):
+        ps.create_table(TableSpec("t", 4))
+    req = three._start_pull("t", ids)  # distinct ids reordered so each shard's form one block
+    blocks = np.concatenate([sel for _, sel in req.groups])
+    np.testing.assert_array_equal(blocks, np.arange(len(req.uniq)))  # shard after shard, in one piece each
+    np.testing.assert_array_equal(req.uniq[req.inverse], ids)
+    three._discard(req)
+    assert torch.equal(three.pull("t", ids), one.pull("t", ids))

@@ -190,6 +190,11 @@ def test_shared_memory_path_matches_in_process(ps, dtype):
         local.push(spec.name, ids, g)
     ids = np.random.default_rng(9).permutation(20000)[:8192]  # distinct: rows land in place
     assert torch.equal(ps.pull(spec.name, ids), local.pull(spec.name, ids))
+    grouped = ids[np.argsort(ps.slot_map.shard_of(ids), kind="stable")]  # each shard's ids one block
+    req = ps._start_pull(spec.name, grouped)
+    assert [c.args[5] for c in req.calls] == [0, int(len(req.groups[0][1]))]  # no positions: no scatter
+    ps._discard(req)
+    assert torch.equal(ps.pull(spec.name, grouped), local.pull(spec.name, grouped))
     assert ps._out_pool is not None and ps._pools
     held = [ps.pull(spec.name, ids) for _ in range(20)]  # more than the pool: falls back, still right
     assert all(torch.equal(h, held[0]) for h in held)
@@ -225,3 +230,90 @@ def test_two_clients_each_replay_their_own_pushes(ray_cluster, tmp_path):
     assert torch.equal(a.pull("two", ids)[:, 0], want)
     assert torch.equal(b.pull("two", ids)[:, 0], want)
     a.close()
+
+
+def test_direct_channel_matches_ray_calls_and_maps_shard_errors(ray_cluster):
+    import copy
+
+    from xdtrain.ps.client import PSClient
+    from xdtrain.ps.server import StaleSlotMap
+
+    spec = TableSpec("chan", 32, optimizer=OptimizerSpec("rowwise_adagrad", lr=0.1))
+    a, ref = PSClient(2), LocalPS(1)
+    for c in (a, ref):
+        c.create_table(spec)
+    b = copy.copy(a)
+    b.direct_channel = False  # the same shards through plain Ray calls
+    rng = np.random.default_rng(11)
+    for size in (50, 4000, 50, 4000):  # small: arrays inline in the socket frames; large: shared memory
+        for client in (a, b):
+            ids = rng.integers(0, 9000, size)
+            g = torch.from_numpy(rng.standard_normal((size, 32)).astype(np.float32))
+            want = ref.pull("chan", ids)
+            assert torch.equal(client.pull("chan", ids), want)
+            client.push("chan", ids, g)
+            ref.push("chan", ids, g)
+            client.flush()
+    ids = np.arange(9000)
+    assert torch.equal(a.pull("chan", ids), ref.pull("chan", ids))
+    assert torch.equal(b.pull("chan", ids), ref.pull("chan", ids))
+    assert sorted(k for k, ch in a._channels.items() if ch is not None) == [0, 1]
+    assert all(ch is None for ch in b._channels.values())
+    stale = copy.copy(a)
+    a.reshard(3)
+    for client in (stale, b):  # an error raised on the shard arrives as its own class either way
+        with pytest.raises(StaleSlotMap):
+            client.pull("chan", ids[:10])
+    assert torch.equal(a.pull("chan", ids), ref.pull("chan", ids))
+    a.close()
+
+
+def test_client_copies_in_other_processes_share_pushes_checkpoints_and_restores(ray_cluster, tmp_path):
+    from xdtrain.ps.client import PSClient
+
+    ps = PSClient(2)
+    ps.create_table(TableSpec("cp", 16, init="zeros", optimizer=SGD1))
+    ids = np.arange(3000)  # 3000 x 16 floats: the shared-memory + channel path
+
+    @ray_cluster.remote(num_cpus=0)
+    class Worker:  # e.g. a Ray Train worker holding its copy of the client
+        def __init__(self, client):
+            self.ps = client
+
+        def push(self, ids, value: float, flush: bool) -> None:
+            self.ps.push("cp", ids, torch.full((len(ids), 16), value))
+            if flush:
+                self.ps.flush()
+
+        def pull(self, ids) -> np.ndarray:
+            return self.ps.pull("cp", ids)[:, 0].numpy()
+
+        def call(self, method: str, *args):
+            return getattr(self.ps, method)(*args)
+
+        def channels(self) -> list[int]:
+            return sorted(k for k, ch in self.ps._channels.items() if ch is not None)
+
+    w = Worker.remote(ps)
+    get = ray_cluster.get
+    get(w.push.remote(ids, 1.0, False))
+    assert (get(w.pull.remote(ids)) == -1).all()  # its own unflushed push is visible to its next pull
+    get(w.push.remote(ids[:1000], 1.0, True))  # flush: visible to every copy
+    first = np.where(ids < 1000, -2.0, -1.0)
+    assert np.array_equal(ps.pull("cp", ids)[:, 0].numpy(), first)
+    assert get(w.channels.remote()) == [0, 1]  # the copy opened its own direct channels
+
+    url = str(tmp_path / "ck")
+    get(w.call.remote("checkpoint", url))
+    ps.push("cp", ids, torch.full((3000, 16), 5.0))
+    ps.flush()
+    assert np.array_equal(get(w.pull.remote(ids)), first - 5.0)
+    get(w.call.remote("restore", url))  # one copy restores: every copy reads the restored rows
+    assert np.array_equal(ps.pull("cp", ids)[:, 0].numpy(), first)
+    assert np.array_equal(get(w.pull.remote(ids)), first)
+    ps.checkpoint_committed(url)  # the other copies forget their pushes from before the restore
+    assert len(ps._log) == 0
+    ps.push("cp", ids[:10], torch.ones(10, 16))
+    ps.flush()
+    assert np.array_equal(get(w.pull.remote(ids[:10])), first[:10] - 1.0)
+    ps.close()

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from xdtrain.ps import checkpoint as ckpt
 from xdtrain.ps.export import write_export_manifest
+from xdtrain.ps.ids import as_ids, dedup
 from xdtrain.ps.metrics import PSStats
 from xdtrain.ps.slots import SlotMap
 from xdtrain.ps.table import TableSpec
@@ -59,30 +59,23 @@ class PendingPull:
     out: np.ndarray | None = None  # float32 (len(uniq), dim) output the shards write into, if any
 
 
-def as_ids(ids: Any) -> np.ndarray:
-    """A contiguous int64 numpy view/copy of ids given as a tensor, array or list."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.detach().cpu().numpy()
-    arr = np.asarray(ids)
-    if arr.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(
-            f"ids must be integers (got dtype {arr.dtype}); "
-            "hash string ids once with xdtrain.data.schemas.hash_ids"
-        )
-    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+def _group_by_shard(uniq: np.ndarray, inverse: np.ndarray, groups: list) -> tuple:
+    """Reorder distinct ids so each shard's are contiguous, and fold that into `inverse`.
+
+    The rows are gathered through `inverse` anyway when ids repeat, so this costs one pass over
+    the ids, and each shard then writes its rows as one block instead of scattering them.
+    """
+    order = np.concatenate([sel for _, sel in groups])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    bounds = np.cumsum([0] + [len(sel) for _, sel in groups])
+    blocks = [(k, np.arange(bounds[i], bounds[i + 1])) for i, (k, _) in enumerate(groups)]
+    return uniq[order], rank[inverse], blocks
 
 
-def dedup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(distinct ids, inverse) with uniq[inverse] == ids; inverse None when ids are already distinct."""
-    if len(ids) < 2:
-        return ids, None
-    s = np.sort(ids)
-    if not (s[1:] == s[:-1]).any():
-        return ids, None
-    inverse, uniq = pd.factorize(ids)
-    return np.ascontiguousarray(uniq, dtype=np.int64), inverse.astype(np.int64, copy=False)
+def contiguous(sel: np.ndarray | None) -> bool:
+    """True when increasing positions `sel` form one block (None: all positions)."""
+    return sel is None or len(sel) == 0 or int(sel[-1]) - int(sel[0]) + 1 == len(sel)
 
 
 class Router(ABC):
@@ -128,19 +121,26 @@ class Router(ABC):
         """(a float32 (n, dim) array the shards can write into directly, its handle), or None."""
         return None
 
-    def _submit_pull(
+    def _pull_call(
         self, k: int, table: str, uniq: np.ndarray, sel: np.ndarray | None, step: int, out: Any = None
     ) -> Call:
-        """Ask shard k for the rows of uniq[sel] (all of uniq if sel is None); `out`: the handle
-        from _pull_output, if the shard may write them straight to their places there."""
-        return self._call(k, "pull", table, uniq if sel is None else uniq[sel], step)
+        """The request (not yet submitted) for shard k's rows of uniq[sel] (all of uniq if sel is
+        None); `out`: the handle from _pull_output, if the shard may write them to their places."""
+        return Call(k, "pull", (table, uniq if sel is None else uniq[sel], step))
 
-    def _submit_push(
+    def _push_call(
         self, k: int, table: str, uniq: np.ndarray, g: np.ndarray, sel: np.ndarray | None, step: int
     ) -> Call:
-        """Send shard k the gradients of uniq[sel]."""
+        """The request (not yet submitted) that sends shard k the gradients of uniq[sel]."""
         ids_k, g_k = (uniq, g) if sel is None else (uniq[sel], g[sel])
-        return self._call(k, "push", table, ids_k, g_k, step, replayable=True)
+        return Call(k, "push", (table, ids_k, g_k, step), replayable=True)
+
+    def _submit_all(self, calls: list[Call]) -> list[Call]:
+        # every request is written before the first goes out: once a shard starts working it
+        # competes for the CPU with the client, which would slow the rest of the preparation
+        for call in calls:
+            self._submit(call)
+        return calls
 
     def _rows_of(self, call: Call, result: Any) -> np.ndarray:
         """The rows a finished pull call produced."""
@@ -184,9 +184,7 @@ class Router(ABC):
         """(shard, positions in uniq) per shard with ids; positions None means all of them."""
         if self.num_shards == 1:
             return [(0, None)]
-        shard = self.slot_map.shard_of(uniq)
-        groups = [(k, np.flatnonzero(shard == k)) for k in range(self.num_shards)]
-        groups = [(k, sel) for k, sel in groups if len(sel)]
+        groups = self.slot_map.split(uniq)
         if len(groups) == 1:
             return [(groups[0][0], None)]
         return groups
@@ -217,10 +215,12 @@ class Router(ABC):
     def _start_pull(self, table: str, ids: np.ndarray) -> PendingPull:
         uniq, inverse = dedup(ids)
         groups = self._route(uniq) if len(uniq) else []
+        if inverse is not None and len(groups) > 1:
+            uniq, inverse, groups = _group_by_shard(uniq, inverse, groups)
         step = self._step[table]
         direct = self._pull_output(table, len(uniq), groups) if len(uniq) else None
         handle = direct[1] if direct else None
-        calls = [self._submit_pull(k, table, uniq, sel, step, handle) for k, sel in groups]
+        calls = self._submit_all([self._pull_call(k, table, uniq, sel, step, handle) for k, sel in groups])
         return PendingPull(table, uniq, inverse, groups, calls, step, out=direct[0] if direct else None)
 
     def _finish_pull(self, req: PendingPull) -> np.ndarray:
@@ -298,8 +298,9 @@ class Router(ABC):
         self._reap()
         self._step[table] += 1
         step = self._step[table]
-        for k, sel in self._route(uniq) if len(uniq) else []:
-            self._inflight.append(self._submit_push(k, table, uniq, g, sel, step))
+        groups = self._route(uniq) if len(uniq) else []
+        calls = [self._push_call(k, table, uniq, g, sel, step) for k, sel in groups]
+        self._inflight += self._submit_all(calls)
         self._on_push(table, step, uniq, g)
         if self._prefetched.get(table):
             self._recent.setdefault(table, []).append((step, uniq))
@@ -399,7 +400,13 @@ class Router(ABC):
         return path
 
     def restore(self, url: str) -> None:
-        """Load the checkpoint at `url` onto the current shards (any shard count)."""
+        """Load the checkpoint at `url` onto the current shards (any shard count).
+
+        Other copies of a PSClient on the same shards (e.g. in Ray Train workers) read the
+        restored rows at once; each must call `checkpoint_committed(url)`, so that a later shard
+        recovery does not replay its pushes from before the restore, and must not rely on rows it
+        prefetched before it.
+        """
         manifest = ckpt.read_manifest(url)
         if manifest["num_slots"] != self.slot_map.num_slots:
             raise ckpt.CheckpointError(

@@ -5,21 +5,28 @@ version. A shard that Ray restarted after a crash comes up empty and refuses all
 (`ShardNeedsRecovery`) until a client calls `recover`, which reloads the last checkpoint and
 gives the shard a new incarnation; a client that still names the old incarnation gets
 `ShardRestarted`, so it knows to replay its own pushes since that checkpoint.
+
+Clients on the same node send data calls over a direct socket (`channel.py`, opened with
+`open_channel`) instead of Ray calls; those run in the channel's threads, under the same lock as
+the Ray calls, so the shard still executes one request at a time.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 
 import numpy as np
 import ray
 
+from xdtrain.ps import channel
 from xdtrain.ps.server import ShardServer
 from xdtrain.ps.shm import ShmViews
 from xdtrain.ps.table import TableSpec
 
 _DATA = frozenset({"pull", "push", "evict", "pull_shm", "pull_into", "push_shm"})
+CHANNEL_METHODS = frozenset({"pull", "push", "pull_shm", "pull_into", "push_shm"})
 _ALLOWED = _DATA | frozenset(
     {
         "create_table",
@@ -51,6 +58,8 @@ class _EmbeddingShard:
         self.incarnation = uuid.uuid4().hex
         self.needs_recovery = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self.shm = ShmViews()
+        self._lock = threading.Lock()  # Ray calls and channel requests take turns
+        self._channel: channel.ChannelServer | None = None
 
     def hello(self) -> dict:
         return {
@@ -60,7 +69,23 @@ class _EmbeddingShard:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
+    def open_channel(self) -> dict | None:
+        """Start (once) the same-node request channel; its address and the token it requires."""
+        if not channel.available():
+            return None
+        with self._lock:
+            if self._channel is None:
+                self._channel = channel.ChannelServer(self._serve_channel, CHANNEL_METHODS)
+        return {"address": self._channel.address, "token": self._channel.token}
+
+    def _serve_channel(self, method: str, incarnation: str | None, version: int | None, args: list):
+        return self.call(incarnation, version, method, *args)
+
     def call(self, incarnation: str | None, version: int | None, method: str, *args):
+        with self._lock:
+            return self._call(incarnation, version, method, *args)
+
+    def _call(self, incarnation: str | None, version: int | None, method: str, *args):
         if self.needs_recovery:
             raise ShardNeedsRecovery(f"shard {self.index} restarted and awaits recovery")
         if incarnation is not None and incarnation != self.incarnation:
@@ -91,12 +116,13 @@ class _EmbeddingShard:
         size: int,
         n: int,
         off: int,
-        scattered: bool,
+        start: int,
         out_path: str,
         out_size: int,
         step: int,
     ) -> None:
-        """Rows of the ids in `path` written straight to their places in the client's output buffer."""
+        """Rows of the ids in `path` written straight to their places in the client's output buffer:
+        rows start..start+n-1, or (start -1) the rows whose positions follow the ids at `off`."""
         buf = self.shm.get(path, size)
         t = self.server.table(table)
         out = self.shm.get(out_path, out_size)
@@ -104,12 +130,10 @@ class _EmbeddingShard:
         total = out_size // (4 * dim)
         out = out[: total * dim * 4].view(np.float32).reshape(total, dim)
         ids = buf[: n * 8].view(np.int64)
-        if not scattered and t.rows.dtype == np.float32:
-            t.pull(ids, step, out=out[:n])
-        elif not scattered:
-            out[:n] = t.pull(ids, step)
+        if start < 0:
+            t.pull_into(ids, step, out, buf[off : off + n * 8].view(np.int64))
         else:
-            out[buf[off : off + n * 8].view(np.int64)] = t.pull(ids, step)
+            t.pull_into(ids, step, out[start : start + n])
 
     def _push_shm(self, table: str, path: str, size: int, n: int, off: int, step: int) -> int:
         buf = self.shm.get(path, size)
@@ -125,6 +149,12 @@ class _EmbeddingShard:
         `known` is the incarnation the caller last talked to. If the shard has been reset since
         (by another client), it is not reset again: the caller only needs to replay its pushes.
         """
+        with self._lock:
+            return self._recover(known, slot_map, specs, url, manifest)
+
+    def _recover(
+        self, known: str, slot_map: dict, specs: list[dict], url: str | None, manifest: dict | None
+    ) -> str:
         if not self.needs_recovery and known != self.incarnation:
             return self.incarnation
         server = ShardServer(self.index, slot_map)

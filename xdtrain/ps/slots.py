@@ -7,20 +7,33 @@ never re-hashes ids, and a checkpoint written under one map restores under any o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from xdtrain.ps.init import mix64
+from xdtrain.ps.init import _GOLDEN, _M1, _M2, _U27, _U30, _U31
 
 DEFAULT_NUM_SLOTS = 4096
 _SLOT_SALT = np.uint64(0x5EED5107ABCDEF01)  # keeps slot hashing independent of the initializer's
 
 
 def slot_of(ids: np.ndarray, num_slots: int) -> np.ndarray:
-    """Virtual slot (int64 in [0, num_slots)) of each int64 id."""
-    h = mix64(np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64) ^ _SLOT_SALT)
-    return (h % np.uint64(num_slots)).astype(np.int64)
+    """Virtual slot (int64 in [0, num_slots)) of each int64 id: mix64(id ^ salt) % num_slots."""
+    z = np.bitwise_xor(np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64), _SLOT_SALT)
+    # mix64 in place (one scratch array instead of a fresh temporary per operation)
+    z += _GOLDEN
+    t = np.empty_like(z)
+    for shift, mul in ((_U30, _M1), (_U27, _M2)):
+        np.right_shift(z, shift, out=t)
+        z ^= t
+        z *= mul
+    np.right_shift(z, _U31, out=t)
+    z ^= t
+    if num_slots & (num_slots - 1) == 0:
+        z &= np.uint64(num_slots - 1)
+    else:
+        z %= np.uint64(num_slots)
+    return z.view(np.int64)
 
 
 @dataclass
@@ -29,6 +42,12 @@ class SlotMap:
 
     slot_to_shard: np.ndarray
     version: int = 0
+    # the same map in the narrowest dtype: argsort of int8 shard numbers is a radix sort
+    _compact: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        small = len(self.slot_to_shard) == 0 or int(self.slot_to_shard.max()) < 127
+        self._compact = self.slot_to_shard.astype(np.int8 if small else np.int32)
 
     @property
     def num_slots(self) -> int:
@@ -46,7 +65,19 @@ class SlotMap:
         return cls((np.arange(num_slots, dtype=np.int64) * num_shards // num_slots).astype(np.int32))
 
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
-        return self.slot_to_shard[slot_of(ids, self.num_slots)]
+        """Shard of each id (int32)."""
+        return self.slot_to_shard.take(slot_of(ids, self.num_slots))
+
+    def split(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions in ids, increasing) for every shard that owns some of `ids`."""
+        shard = self._compact.take(slot_of(ids, self.num_slots))
+        # one stable sort (a radix sort for int8) instead of a mask and nonzero per shard
+        order = np.argsort(shard, kind="stable")
+        counts = np.bincount(shard, minlength=self.num_shards)
+        bounds = np.cumsum(counts)
+        return [
+            (k, order[bounds[k] - counts[k] : bounds[k]]) for k in range(self.num_shards) if counts[k]
+        ]
 
     def slots_of(self, shard: int) -> np.ndarray:
         return np.flatnonzero(self.slot_to_shard == shard).astype(np.int64)

@@ -19,6 +19,7 @@ from xdtrain.ps.optim import OptimizerSpec, apply_update, state_bytes_per_row, s
 DTYPES = ("float32", "float16")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _COMPACT_ROWS = 65536
+_SCRATCH_BYTES = 512 << 10  # gather chunk for pull_into: fits in L2 with room to spare
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class ShardTable:
         self._p_counts = np.empty(0, dtype=np.int32)
         self._p_n = 0
         self._p_dead = 0
+        self._scratch: np.ndarray | None = None
 
     # ---- storage -----------------------------------------------------------------------
     def _reserve(self, extra: int) -> None:
@@ -125,7 +127,7 @@ class ShardTable:
             self.state[name][sl] = v0
         if self.last_step is not None:
             self.last_step[sl] = step
-        self.index.insert(ids, pos)
+        self.index.insert(ids, pos, keys=self.ids)
         self.n += k
         return pos
 
@@ -160,7 +162,7 @@ class ShardTable:
         pos = np.arange(self._p_n, need, dtype=np.int64)
         self._p_ids[pos] = ids
         self._p_counts[pos] = counts
-        self._p_index.insert(ids, pos)
+        self._p_index.insert(ids, pos, keys=self._p_ids)
         self._p_n = need
         return pos
 
@@ -173,13 +175,19 @@ class ShardTable:
         self._p_index.reset(self._p_ids)
 
     # ---- the training path --------------------------------------------------------------
-    def pull(self, ids: np.ndarray, step: int = 0, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows of `ids` in storage dtype (into `out` if given); unknown ids are admitted, or read
-        the shared zero row until admitted."""
+    def _positions(self, ids: np.ndarray, step: int) -> np.ndarray:
+        """Row positions of `ids`, admitting unknown ids; -1 where an id is not admitted yet."""
         pos = self.index.lookup(ids)
         miss = pos < 0
         if miss.any():
             pos[miss] = self._admit(ids[miss], step)
+        return pos
+
+    def pull(self, ids: np.ndarray, step: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of `ids` in storage dtype (into `out` if given); unknown ids are admitted, or read
+        the shared zero row until admitted."""
+        pos = self._positions(ids, step)
+        if self.spec.min_count > 1:
             absent = pos < 0
             if absent.any():
                 if out is None:
@@ -192,6 +200,33 @@ class ShardTable:
             return np.take(self.rows, pos, axis=0)
         # positions are valid; mode="raise" (the default) would copy through a temporary `out`
         return np.take(self.rows, pos, axis=0, out=out, mode="clip")
+
+    def pull_into(self, ids: np.ndarray, step: int, out: np.ndarray, where: np.ndarray | None = None) -> None:
+        """`pull(ids)` written to out[where] (to out[:len(ids)] if where is None), in out's dtype.
+
+        Rows go through a small scratch buffer, chunk by chunk: gathered rows stay in cache until
+        they are placed, instead of a full-size temporary making a round trip through memory.
+        """
+        n = len(ids)
+        if where is None and out.dtype == self._dtype:
+            self.pull(ids, step, out=out[:n])
+            return
+        pos = self._positions(ids, step)
+        if self.spec.min_count > 1 and (pos < 0).any():  # rare: rows still at the shared default
+            rows = self.pull(ids, step)
+            out[slice(0, n) if where is None else where] = rows
+            return
+        chunk = max(256, _SCRATCH_BYTES // (self.spec.dim * self._dtype.itemsize))
+        if self._scratch is None or len(self._scratch) < min(chunk, n):
+            self._scratch = np.empty((min(chunk, max(n, 256)), self.spec.dim), dtype=self._dtype)
+        for start in range(0, n, chunk):
+            p = pos[start : start + chunk]
+            buf = self._scratch[: len(p)]
+            np.take(self.rows, p, axis=0, out=buf, mode="clip")
+            if where is None:
+                out[start : start + len(p)] = buf
+            else:
+                out[where[start : start + len(p)]] = buf
 
     def push(self, ids: np.ndarray, grads: np.ndarray, step: int = 0) -> int:
         """Apply the optimizer to the rows of `ids`; returns how many rows were updated."""
@@ -260,7 +295,7 @@ class ShardTable:
             self.state[name][sl] = cols[f"state.{name}"]
         if self.last_step is not None:
             self.last_step[sl] = cols["last_step"] if "last_step" in cols else self.step
-        self.index.insert(ids, np.arange(self.n, self.n + k, dtype=np.int64))
+        self.index.insert(ids, np.arange(self.n, self.n + k, dtype=np.int64), keys=self.ids)
         self.n += k
         if "step" in cols and len(cols["step"]):
             self.step = max(self.step, int(cols["step"][0]))
