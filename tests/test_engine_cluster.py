@@ -90,8 +90,12 @@ def test_pretrain_job_submitted_with_job_submission_client(world, tmp_path):
 
     run_dir = tmp_path / "job"
     with LocalCluster.start(f"/tmp/xdt-job-{os.getpid()}", head=NodeSpec(num_cpus=2, ps=4, trainer=2)) as cl:
-        old = {k: os.environ.get(k) for k in cl.client_env()}
-        os.environ.update(cl.client_env())
+        # The client needs only the auth mode (for the token header), never RAY_ADDRESS: with it set
+        # here, this process's own Ray (the session cluster) lost its GCS after this cluster shut down,
+        # and the next Ray Data / Ray Train call killed pytest 60 s later (reproduced, then fixed).
+        auth = {k: v for k, v in cl.client_env().items() if k != "RAY_ADDRESS"}
+        old = {k: os.environ.get(k) for k in auth}
+        os.environ.update(auth)
         try:
             client = JobSubmissionClient(cl.dashboard_url)
             entry = " ".join([sys.executable, "-m", "jobs.pretrain", "--config", "configs/demo.yaml",
