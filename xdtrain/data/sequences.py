@@ -150,6 +150,40 @@ def read_sequences(path: str | Path, by_domain: bool = True) -> pa.Table:
     return table.sort_by([(k, "ascending") for k in keys]).combine_chunks()
 
 
+# ---------------------------------------------------------------- incremental fine-tuning
+
+
+def first_samples(seqs: pa.Table, n_samples: int, seed: int | None = None, where: str = "n_samples") -> pa.Table:
+    """The first `n_samples` next-item samples of the sequence rows (a row of n items holds n - 1).
+
+    PreRec's incremental fine-tuning (code: `train_cut_list`): rows are taken whole, in their order
+    (with `seed`: a seeded random order of the rows, like the authors' user-shuffled train split),
+    and the last one is cut to its first samples so that the total is exact. Every list column of
+    the cut row (items, timestamps, domains, ...) keeps the same prefix. Samples within a row stay in
+    time order; the result keeps the input's row order. `n_samples == 0` keeps every row.
+    """
+    if n_samples < 0:
+        raise DataError(f"{where}: must be >= 0 (0 = every sample), got {n_samples}")
+    if "items" not in seqs.schema.names:
+        raise DataError(f"sequence rows: missing column 'items' (found: {', '.join(seqs.schema.names)})")
+    lengths = np.asarray(pc.fill_null(pc.list_value_length(seqs["items"]), 0), dtype=np.int64)
+    order = np.arange(seqs.num_rows) if seed is None else np.random.default_rng(seed).permutation(seqs.num_rows)
+    total = np.cumsum(np.maximum(lengths - 1, 0)[order])
+    if n_samples == 0 or not len(total) or total[-1] <= n_samples:
+        return seqs
+    last = int(np.searchsorted(total, n_samples))  # the row (in `order`) that reaches n_samples
+    need = n_samples - (int(total[last - 1]) if last else 0)
+    cut = int(order[last])
+    rows = np.sort(order[:last])
+    before, after = rows[rows < cut], rows[rows > cut]
+    tail = seqs.slice(cut, 1)
+    for i, f in enumerate(tail.schema):
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
+            tail = tail.set_column(i, f, pc.list_slice(tail.column(i), 0, need + 1).cast(f.type))
+    return pa.concat_tables([seqs.take(pa.array(before, pa.int64())), tail,
+                             seqs.take(pa.array(after, pa.int64()))]).combine_chunks()
+
+
 # ---------------------------------------------------------------- writing without half-written outputs
 
 

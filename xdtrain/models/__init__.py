@@ -19,6 +19,7 @@ from xdtrain.config import ConfigError, from_dict
 # name -> (module, config class, model class)
 MODELS: dict[str, tuple[str, str, str]] = {
     "seqrec": ("xdtrain.models.seqrec", "SeqRecConfig", "SeqRec"),
+    "prerec": ("xdtrain.models.prerec", "PreRecConfig", "PreRec"),
 }
 
 

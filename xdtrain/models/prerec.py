@@ -22,7 +22,13 @@ PreRec_n (the ablation) switches off D, the popularity term and the offsets: `Pr
 Omitted, as in the code: the user offset eps^u (never learnable for unseen users, its prior mean 0 is
 what every test user gets) and the popularity offset eps^z (lambda_z is not reported).
 
-Engine contract: see `xdtrain.nn.sparse` (make_batch / sparse_ids / forward / scorer).
+Engine contract: see `xdtrain.nn.sparse` (make_batch / sparse_ids / forward / scorer). On the engine
+(`model: {name: prerec}`), `from_data` encodes the `items` side table's text with the configured
+sentence-transformers model (cached as Parquet) and counts popularity from the `interactions` table.
+Training rows are per-user cross-domain sequences, split here into per-(user, domain) rows; eval
+rows are scored with the history of their own domain. For transfer, list every domain of the
+experiment in `model.domains` (sources and targets) so all jobs share one dense shape: a domain
+never trained keeps D_k = 0 and zero offsets, which is exactly the zero-shot model of Eq. 8.
 """
 
 from __future__ import annotations
@@ -38,12 +44,19 @@ import torch
 from torch import Tensor, nn
 
 from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex, days_of
-from xdtrain.models.prerec_data import build_batch, offset_keys
+from xdtrain.data.schemas import DataError
+from xdtrain.models.prerec_data import (
+    build_batch,
+    chunk_sequences,
+    in_domain_histories,
+    offset_keys,
+    split_by_domain,
+)
 from xdtrain.nn import SASRec
 from xdtrain.nn.losses import sampled_softmax_loss
 from xdtrain.nn.sparse import Pull, Rows
 from xdtrain.ps import OptimizerSpec, TableSpec
-from xdtrain.text.cache import ItemVectors
+from xdtrain.text.cache import ItemVectors, TextEncodeConfig, side_table_vectors
 
 OFFSETS = "prerec_item_offset"  # PS table of eps^v, one row per (domain, item)
 
@@ -71,6 +84,12 @@ class PreRecConfig:
     max_targets_per_row: int = 0  # 0: train every target of a row's window; k: a random k of them
     inference: Literal["auto", "zero_shot"] = "auto"  # auto: a trained domain uses D and offsets
     init_std: float = 0.02  # N(0, init_std) for f_NN, f_pop, W_z, W_d (code)
+    # ---- engine (from_data)
+    domains: list[str] = field(default_factory=list)  # rows of D ([] = the domains the job trains on)
+    chunk: bool = True  # cut long rows into max_len + 1 windows: every target trained once per epoch
+    text_model: str = "minilm"  # sentence-transformers model: the shipped MiniLM or a local directory
+    text_cache: str = ""  # Parquet cache of text vectors (any fsspec URL; "" = <run_dir>/cache/text)
+    text_batch: int = 128
 
     def __post_init__(self) -> None:
         if self.variant not in ("paper", "code"):
@@ -94,6 +113,9 @@ class PreRec(nn.Module):
     and catalogues of every domain it meets; `popularity`: the index F_j is read from (required
     when cfg.use_popularity).
     """
+
+    # D, f_pop, W_z may sit out a step (ablations, a batch with no target): DDP must not wait for them.
+    ddp_find_unused_parameters = True
 
     def __init__(self, cfg: PreRecConfig, domains: Sequence[str], text: ItemVectors,
                  popularity: PopularityIndex | None = None):
@@ -120,6 +142,19 @@ class PreRec(nn.Module):
         if cfg.variant == "paper":
             nn.init.normal_(self.W_z, std=cfg.init_std)
             nn.init.normal_(self.W_d, std=cfg.init_std)
+
+    @classmethod
+    def from_data(cls, cfg: PreRecConfig, data, seed: int = 0) -> PreRec:
+        """The engine's constructor: text vectors of the `items` table, popularity of `interactions`."""
+        domains = list(cfg.domains) or list(data.extras.get("train_domains") or data.domains)
+        text = load_item_vectors(cfg, data)
+        pop = None
+        if cfg.use_popularity:
+            if "interactions" not in data.tables:
+                raise DataError("PreRec: use_popularity needs the data's 'interactions' table")
+            sizes = {d: len(text.catalogue(d)) for d in text.domains}
+            pop = PopularityIndex.from_parquet(data.tables["interactions"], cfg.pop, sizes)
+        return cls(cfg, domains, text, pop)
 
     # ------------------------------------------------------------ data the model reads
 
@@ -202,6 +237,9 @@ class PreRec(nn.Module):
 
     def make_batch(self, rows: pa.Table, rng: np.random.Generator) -> dict[str, Tensor]:
         cfg = self.cfg
+        rows = split_by_domain(rows if isinstance(rows, pa.Table) else pa.Table.from_batches([rows]))
+        if cfg.chunk:
+            rows = chunk_sequences(rows, cfg.max_len)
         return build_batch(rows, rng, domains=self.domains, text=self.text,
                            popularity=self.popularity if cfg.use_popularity else None,
                            max_len=cfg.max_len, negatives=cfg.negatives,
@@ -253,6 +291,7 @@ class PreRecScorer:
             if col not in rows.schema.names:
                 raise ValueError(f"PreRec scorer: eval rows need a '{col}' column (see prerec_data.eval_rows)")
         self.tables: dict[str, dict] = {}
+        self.histories = in_domain_histories(rows)  # None: the rows' history is already in-domain
         was = model.training
         model.eval()
         try:
@@ -285,8 +324,7 @@ class PreRecScorer:
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         model, L = self.model, self.cfg.max_len
-        hist = users["history"].cpu().numpy()
-        lens = users["history_len"].cpu().numpy()
+        hist, lens = self._history(users)
         start = np.maximum(lens - L, 0)  # keep each row's most recent max_len items
         width = max(1, int(np.minimum(lens, L).max()))
         cols = start[:, None] + np.arange(width)[None, :]
@@ -304,6 +342,17 @@ class PreRecScorer:
             u = u * torch.from_numpy(lens > 0).unsqueeze(-1).to(u.dtype)
         self._cache = (key, u)
         return u
+
+    def _history(self, users: dict[str, Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """[B, W] history ids (right-padded) and lengths of a user batch."""
+        if self.histories is None:
+            return users["history"].cpu().numpy(), users["history_len"].cpu().numpy()
+        hs = [self.histories[i] for i in users["row"].cpu().numpy()]
+        lens = np.array([len(h) for h in hs], dtype=np.int64)
+        hist = np.zeros((len(hs), max(1, int(lens.max(initial=0)))), dtype=np.int64)
+        for i, h in enumerate(hs):
+            hist[i, : len(h)] = h
+        return hist, lens
 
     def __call__(self, users: dict[str, Tensor], items: Tensor, *, domain: str) -> Tensor:
         model, t = self.model, self.tables[domain]
@@ -337,3 +386,11 @@ class PreRecScorer:
             Z = model.f_pop(torch.from_numpy(pop.factors(domain, it, day)))
             out[r] = Z.squeeze(-1)[None, :] if self.cfg.variant == "code" else u[r] @ Z.T + (Z @ model.W_z)[None, :]
         return out
+
+
+def load_item_vectors(cfg: PreRecConfig, data) -> ItemVectors:
+    """f_BERT(X_j) of every (domain, item) of the data's `items` table (columns item_id, domain, text),
+    encoded once and cached as Parquet (`xdtrain.text.cache`)."""
+    cache = cfg.text_cache or f"{data.extras.get('cache_dir', 'runs/cache')}/text"
+    enc = TextEncodeConfig(model=cfg.text_model, cache_dir=cache, batch_size=cfg.text_batch)
+    return side_table_vectors(data.tables, enc, who="PreRec")

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from xdtrain.data.popularity import PopularityIndex, days_of
 from xdtrain.data.schemas import DataError
+from xdtrain.data.sequences import first_samples as first_samples  # re-exported: incremental fine-tuning
 from xdtrain.text.cache import ItemVectors
 
 _MASK63 = np.uint64((1 << 63) - 1)
@@ -190,27 +191,6 @@ def chunk_sequences(seqs: pa.Table, max_len: int) -> pa.Table:
                           pa.ListArray.from_arrays(new_off, pa.array(stamps[take])))
 
 
-def first_samples(seqs: pa.Table, n_samples: int) -> pa.Table:
-    """The first `n_samples` next-item samples of the rows in order (incremental fine-tuning, code:
-    `train_cut_list`): whole sequences, the last one cut so that the total is exact."""
-    off, _ = _lists(seqs, "items")
-    samples = np.maximum(np.diff(off) - 1, 0)
-    total = np.cumsum(samples)
-    last = int(np.searchsorted(total, n_samples))  # the row that reaches n_samples
-    if last >= len(samples):
-        return seqs
-    keep = seqs.slice(0, last + 1)
-    need = n_samples - (int(total[last - 1]) if last else 0)
-    cut = {}
-    for col in ("items", "timestamps"):
-        lst = keep.column(col).to_pylist()
-        lst[-1] = lst[-1][: need + 1]
-        cut[col] = pa.array(lst, keep.schema.field(col).type)
-    for col, arr in cut.items():
-        keep = keep.set_column(keep.schema.get_field_index(col), col, arr)
-    return keep
-
-
 # ---------------------------------------------------------------- evaluation rows
 
 
@@ -249,3 +229,53 @@ def unseen_flags(rows: pa.Table, source_users: np.ndarray, source_items: np.ndar
     users = np.asarray(rows.column("user_id").to_numpy(), dtype=np.int64)
     items = np.asarray(rows.column("item_id").to_numpy(), dtype=np.int64)
     return ~np.isin(users, np.asarray(source_users, np.int64)) & ~np.isin(items, np.asarray(source_items, np.int64))
+
+
+# ---------------------------------------------------------------- rows from the engine
+
+
+def split_by_domain(rows: pa.Table) -> pa.Table:
+    """Per-user cross-domain rows (user_id, items, timestamps, domains: each item's domain, time order)
+    -> one row per (user, domain) with that domain's items in the same order (user_id, domain, items,
+    timestamps). Rows that already have a `domain` column pass through."""
+    if "domain" in rows.schema.names:
+        return rows
+    if "domains" not in rows.schema.names:
+        raise DataError("sequence rows: need a 'domain' column or a per-item 'domains' list column "
+                        f"(found: {', '.join(rows.schema.names)})")
+    off, items = _lists(rows, "items")
+    doff, doms = _lists(rows, "domains")
+    _, stamps = _lists(rows, "timestamps")
+    if not np.array_equal(off, doff):
+        raise DataError("sequence rows: 'items' and 'domains' lists differ in length")
+    row = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    names, code = np.unique(np.asarray(doms, dtype=object).astype(str), return_inverse=True)
+    order = np.lexsort((np.arange(len(row)), code, row))  # by row, then domain; time order kept
+    row, code = row[order], code[order]
+    new = np.ones(len(row), dtype=bool)
+    new[1:] = (row[1:] != row[:-1]) | (code[1:] != code[:-1])
+    starts = np.nonzero(new)[0]
+    offsets = pa.array(np.append(starts, len(row)).astype(np.int32))
+    users = np.asarray(rows.column("user_id").to_numpy(), dtype=np.int64)
+    return pa.table({
+        "user_id": pa.array(users[row[starts]], pa.int64()),
+        "domain": pa.array(names[code[starts]].astype(object), pa.string()),
+        "items": pa.ListArray.from_arrays(offsets, pa.array(items[order], pa.int64())),
+        "timestamps": pa.ListArray.from_arrays(offsets, pa.array(np.asarray(stamps)[order].astype(np.int64))),
+    })
+
+
+def in_domain_histories(rows: pa.Table) -> list[np.ndarray] | None:
+    """Each eval row's history restricted to the row's own domain (needs `history_domains`, the
+    domain of every history item); None when the rows carry no such column (history used as is)."""
+    if "history_domains" not in rows.schema.names:
+        return None
+    off, hist = _lists(rows, "history")
+    doff, hdom = _lists(rows, "history_domains")
+    if not np.array_equal(off, doff):
+        raise DataError("eval rows: 'history' and 'history_domains' lists differ in length")
+    dom = _domains(rows)
+    row = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    keep = np.asarray(hdom, dtype=object) == dom[row]
+    return np.split(np.asarray(hist, dtype=np.int64)[keep], np.cumsum(np.bincount(row[keep],
+                                                                                  minlength=len(dom)))[:-1])

@@ -27,6 +27,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from xdtrain.data.schemas import DataError, hash_ids
@@ -335,3 +336,21 @@ def encode_items_ray(items: pa.Table, cfg: TextEncodeConfig | None = None, where
             if cache.fs.exists(tmp):
                 cache.fs.rm(tmp, recursive=True)
     return EncodedItems(_finish(keys, found, new), missing.num_rows, found.num_rows)
+
+
+# ---------------------------------------------------------------- the items side table of a job
+
+
+def side_table_vectors(tables: dict[str, str], cfg: TextEncodeConfig, who: str) -> ItemVectors:
+    """Text vectors of every (domain, item) of a job's `items` side table (`tables["items"]`: Parquet
+    with columns item_id, domain, text), reusing the cache. `who` (e.g. "PreRec") names the reader
+    in the error raised when the data has no such table."""
+    url = tables.get("items")
+    if not url:
+        raise DataError(f"{who} needs item texts: the data has no 'items' side table (ModelData.tables['items'] "
+                        f"with columns item_id, domain, text; tables: {sorted(tables) or 'none'})")
+    try:
+        items = pads.dataset(url, format="parquet").to_table(columns=["item_id", "domain", "text"])
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{url}: cannot read the 'items' table (item_id, domain, text): {e}") from None
+    return encode_items(items, cfg, where=url).vectors

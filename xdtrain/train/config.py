@@ -28,7 +28,10 @@ class DataConfig:
     per_domain_catalogue: bool = True  # rank a target only against items of its own domain
     train_domains: list[str] = field(default_factory=list)  # train on these domains only (empty = all)
     eval_domains: list[str] = field(default_factory=list)  # evaluate on these (empty = all)
+    # 'seen' means seen in these: eval rows get new_user / new_item / unseen flags against them
+    source_domains: list[str] = field(default_factory=list)  # empty = train_domains (or all)
     rows_per_group: int = 256  # users per Parquet row group of the training sequences (the shard unit)
+    max_train_samples: int = 0  # keep the first N next-item train samples (incremental fine-tuning; 0 = all)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class LoopConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = at each epoch end only)
     eval_every: int = 1  # epochs between validations (0 = never validate during training)
     patience: int = 5  # validations without improvement before stopping (0 = never stop early)
+    eval_at_start: bool = False  # validate and checkpoint the starting model too, so early stopping can keep it
     max_steps: int = 0  # stop after this many steps (0 = no limit)
     max_minutes: float = 0.0  # wall budget (0 = none); checked at each step
     max_failures: int = 3  # worker-group restarts Ray Train may make
@@ -80,7 +84,13 @@ class EvalSection:
     monitor: str = "ndcg@10"  # on the first candidate mode
     seed: int = 0
     batch_size: int = 512
-    baselines: list[str] = field(default_factory=lambda: ["pop"])  # also scored at test time
+    k_percents: list[float] = field(default_factory=list)  # PreRec Recall@K% / r-NDCG@K%, e.g. [0.5]
+    rndcg_a: float = 2.0  # r-NDCG = log(a) / log(a + b (rank - 1) / N)  (paper Eq. 11)
+    rndcg_b: float = 15000.0
+    groups: list[str] = field(default_factory=list)  # eval-row columns to break results down by, e.g. [unseen]
+    baselines: list[str] = field(default_factory=lambda: ["pop"])  # also scored at test time: pop, random, sbert
+    text_model: str = "minilm"  # sbert baseline: sentence-transformers model of the item texts
+    text_cache: str = ""  # sbert baseline: text-vector cache ("" = the model's text_cache, or <run_dir>/cache/text)
 
 
 @dataclass

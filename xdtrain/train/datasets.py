@@ -4,6 +4,15 @@ The driver loads the interactions once (a synthetic world, the shipped MovieLens
 Parquet dataset), splits them leave-one-out, writes the train sequences as Parquet row groups
 (the unit the workers' streaming readers shard by) and keeps the valid/test `EvalSet`s for
 evaluation. Workers then read only their shard of `<run_dir>/data/train`.
+
+What every model may read (`ModelData`): the catalogue and eval domains, side tables by kind
+(`items` with text, and `interactions`: every loaded interaction before `train_domains` filtering,
+so a model can count a held-out domain's own popularity), and `extras["train_domains"]` (the
+domains trained on) and `extras["cache_dir"]` (a run-local cache folder, e.g. for text vectors).
+Train sequences carry `items`, `timestamps` and `domains` (each item's domain) per user; eval
+rows carry the target's `timestamp`, the `history_domains` of their cross-domain history, and the
+flags `new_user`, `new_item`, `unseen` against the source domains (`data.source_domains`, by
+default the train domains), for `eval.groups`.
 """
 
 from __future__ import annotations
@@ -21,8 +30,11 @@ import pyarrow.parquet as pq
 
 from xdtrain.config import load_config
 from xdtrain.data.schemas import DataError, check_schema
+from xdtrain.data.sequences import build_sequences, first_samples
+from xdtrain.data.splits import leave_one_out
 from xdtrain.eval.candidates import EvalSet
 from xdtrain.models import ModelData
+from xdtrain.models.prerec_data import unseen_flags
 from xdtrain.train.config import DataConfig
 from xdtrain.train.reference import leave_one_out_data
 
@@ -49,18 +61,20 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> tuple[pa.Table, str, di
                 wcfg = load_config(WorldConfig, cfg.world_config, ["output.overwrite=true", f"out={world}"])
                 generate_world(wcfg, world, progress=True)
         inter = _read_parquet(f"{world}/interactions", columns)
-        tables = {k: f"{world}/{k}" for k in ("items", "users", "entities", "triplets", "links")}
+        tables = {k: f"{world}/{k}" for k in ("interactions", "items", "users", "entities", "triplets", "links")}
         return inter, f"synthetic world {world}", tables
     if cfg.source == "movielens":
         from xdtrain.data.movielens import MovieLensConfig, prepare
 
         ml = prepare(MovieLensConfig(dataset=cfg.dataset, domain_rule=cfg.domains, min_rating=cfg.min_rating,
                                      k_core=cfg.k_core, sequences="none"))
-        return ml.interactions.select(columns), cfg.dataset, {}
+        items = write_table(ml.items.select(["item_id", "domain", "text"]), str(run_dir / "data" / "items"))
+        return ml.interactions.select(columns), cfg.dataset, {"items": items}
     if cfg.source == "parquet":
         if not cfg.interactions_url:
             raise DataError("data.interactions_url: required when data.source is 'parquet'")
-        return _read_parquet(cfg.interactions_url, columns), cfg.interactions_url, {}
+        inter = _read_parquet(cfg.interactions_url, columns)
+        return inter, cfg.interactions_url, {"interactions": cfg.interactions_url}
     raise DataError(f"data.source: unknown source {cfg.source!r}; expected synthetic, movielens or parquet")
 
 
@@ -83,15 +97,53 @@ def _keep_domains(inter: pa.Table, domains: list[str], key: str) -> pa.Table:
     return inter.filter(pc.is_in(inter["domain"], pa.array(domains, inter["domain"].type)))
 
 
-def write_sequences(seqs: pa.Table, url: str, rows_per_group: int) -> str:
-    """Write the train sequences as one Parquet file of `rows_per_group`-row groups, atomically."""
+def write_table(table: pa.Table, url: str, rows_per_group: int = 1 << 20) -> str:
+    """Write `table` as one Parquet file of `rows_per_group`-row groups under folder `url`, atomically."""
     path = Path(url)
     path.mkdir(parents=True, exist_ok=True)
     final = path / "part-00000.parquet"
     tmp = path / f".part-00000.parquet.tmp-{os.getpid()}"
-    pq.write_table(seqs, tmp, row_group_size=max(1, rows_per_group))
+    pq.write_table(table, tmp, row_group_size=max(1, rows_per_group))
     os.replace(tmp, final)
     return str(path)
+
+
+def write_sequences(seqs: pa.Table, url: str, rows_per_group: int) -> str:
+    """Write the train sequences as one Parquet file of `rows_per_group`-row groups, atomically."""
+    return write_table(seqs, url, rows_per_group)
+
+
+def with_domains(inter: pa.Table, loo) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The leave-one-out train sequences with a `domains` list column, and the valid / test rows with
+    the target's `timestamp` and the `history_domains` of their history (the same split, recomputed
+    here with the domain carried along)."""
+    parts = leave_one_out(inter)
+    seqs = build_sequences(parts["train"], extra_columns=["domain"], by_domain=False)
+    if not (seqs["user_id"].equals(loo.sequences["user_id"]) and seqs["items"].equals(loo.sequences["items"])):
+        raise DataError("train sequences: the split with domains differs from the leave-one-out split")
+    hist_dom = seqs["domains"].to_pylist()
+    out = []
+    for part, rows in (("valid", loo.valid.rows), ("test", loo.test.rows)):
+        p = parts[part].sort_by("user_id")
+        if not p["item_id"].equals(rows["item_id"]):
+            raise DataError(f"{part} rows: the split with domains differs from the leave-one-out split")
+        rows = rows.append_column("timestamp", pc.cast(p["timestamp"], pa.int64()))
+        out.append(rows.append_column("history_domains", pa.array(hist_dom, pa.list_(pa.string()))))
+        hist_dom = [h + [d] for h, d in zip(hist_dom, p["domain"].to_pylist())]  # test sees the valid item
+    return seqs, out[0], out[1]
+
+
+def with_seen_flags(rows: pa.Table, source_users: np.ndarray, source_items: np.ndarray) -> pa.Table:
+    """Eval rows plus boolean columns `new_user` (the user has no source-domain interaction),
+    `new_item` (the target is in no source-domain catalogue; raw ids) and `unseen` (both: the
+    paper's unseen test set), so that `eval.groups=[unseen]` reports the paper's all / unseen."""
+    none = np.zeros(0, np.int64)  # unseen_flags against an empty side tests the other side only
+    flags = {"new_user": unseen_flags(rows, source_users, none),
+             "new_item": unseen_flags(rows, none, source_items),
+             "unseen": unseen_flags(rows, source_users, source_items)}
+    for col, values in flags.items():
+        rows = rows.append_column(col, pa.array(values, pa.bool_()))
+    return rows
 
 
 def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> PreparedData:
@@ -99,22 +151,40 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
     run_dir = Path(run_dir)
     t0 = time.time()
     inter, name, tables = load_interactions(cfg, run_dir)
+    if "interactions" not in tables:
+        tables["interactions"] = write_table(inter, str(run_dir / "data" / "interactions"))
+    # Users and items of the source domains, before train_domains filtering: a held-out domain's
+    # users/items are "seen" when they occur in any source domain (paper sec. 4.1, code get_many).
+    source = _keep_domains(inter, cfg.source_domains or cfg.train_domains,
+                           "source_domains" if cfg.source_domains else "train_domains")
+    source_users, source_items = (pc.unique(source[c]).to_numpy() for c in ("user_id", "item_id"))
+    del source
     inter = _keep_domains(inter, cfg.train_domains, "train_domains")
     if inter.num_rows == 0:
         raise DataError(f"{name}: no interactions left after filtering")
     loo = leave_one_out_data(inter, name, per_domain_catalogue=cfg.per_domain_catalogue)
-    seqs = loo.sequences.filter(pc.greater_equal(pc.list_value_length(loo.sequences["items"]), 2))
+    seqs, valid_rows, test_rows = with_domains(inter, loo)
+    valid_rows, test_rows = (with_seen_flags(r, source_users, source_items) for r in (valid_rows, test_rows))
+    seqs = seqs.filter(pc.greater_equal(pc.list_value_length(seqs["items"]), 2))
+    # Incremental fine-tuning: the first N samples of the users in a fixed shuffled order (the authors'
+    # user-shuffled train split, seed 2023), so a smaller N is a subset of a larger one.
+    seqs = first_samples(seqs, cfg.max_train_samples, seed=2023, where="data.max_train_samples")
     group = min(cfg.rows_per_group, max(1, seqs.num_rows // max(1, min_groups)))
     train_url = write_sequences(seqs, str(run_dir / "data" / "train"), group)
-    valid, test = loo.valid, loo.test
+    valid, test = (EvalSet(r, s.catalogue, s.item_counts, name=s.name, history_column=s.history_column)
+                   for r, s in ((valid_rows, loo.valid), (test_rows, loo.test)))
     if cfg.eval_domains:
         valid, test = (_eval_subset(s, cfg.eval_domains) for s in (valid, test))
     domains = sorted(valid.catalogue)
     model_data = ModelData(
         item_ids=loo.item_ids, domains=domains,
         item_domains={d: valid.catalogue[d] for d in domains}, tables=tables,
+        extras={"train_domains": sorted(pc.unique(inter["domain"]).to_pylist()),
+                "cache_dir": str(run_dir / "cache")},
     )
-    stats = {**loo.stats, "train_sequences": seqs.num_rows, "row_group_rows": group,
+    stats = {**loo.stats, "train_sequences": seqs.num_rows,
+             "train_samples": int(pc.sum(pc.list_value_length(seqs["items"])).as_py() or 0) - seqs.num_rows,
+             "row_group_rows": group,
              "prepare_seconds": round(time.time() - t0, 1), "source": name}
     return PreparedData(train_url, model_data, valid, test, stats)
 

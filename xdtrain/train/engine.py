@@ -33,7 +33,7 @@ from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.datasets import PreparedData, prepare_data
-from xdtrain.train.evaluation import test_report
+from xdtrain.train.evaluation import summarize_tests, test_report
 from xdtrain.train.progress import ProgressBoard, ProgressWatcher
 from xdtrain.train.worker import train_loop_per_worker
 
@@ -182,7 +182,7 @@ def finish(cfg: EngineConfig, data: PreparedData, model, ps, run_dir: Path) -> d
     ps.restore(ck.ps_url(best_dir))
     print(f"[xdtrain] testing {best_dir.name} (step {state.best_step if state.best_step >= 0 else state.step})")
     t0 = time.time()
-    tests = test_report(model, ps.pull, data.test, cfg.eval, run_dir / "test", name=cfg.model.get("name", "model"))
+    tests = run_tests(cfg, data, model, ps, run_dir)
     exports = {}
     if cfg.export_embeddings:
         for spec in model.sparse_tables():
@@ -190,16 +190,21 @@ def finish(cfg: EngineConfig, data: PreparedData, model, ps, run_dir: Path) -> d
             if not Path(url, "_MANIFEST.json").exists():
                 ps.export(spec.name, url)
             exports[spec.name] = url
-    overall = {name: {mode: s["overall"]["all"] for mode, s in modes.items()} for name, modes in tests.items()}
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(best_dir),
         "steps": state.step, "epochs": state.epoch + (1 if state.epoch_done else 0),
         "samples": state.samples, "stop_reason": state.stop_reason,
         "best_step": state.best_step, "valid": state.best_metrics, "validations": state.validations,
-        "test": overall, "test_seconds": round(time.time() - t0, 1), "embeddings": exports,
+        **summarize_tests(tests), "test_seconds": round(time.time() - t0, 1), "embeddings": exports,
         "config_resolved": to_dict(cfg),
     }
+
+
+def run_tests(cfg: EngineConfig, data: PreparedData, model, ps, run_dir: Path) -> dict:
+    """The model and the baselines on the test split (text baselines share the model's text cache)."""
+    return test_report(model, ps.pull, data.test, cfg.eval, run_dir / "test", name=cfg.model.get("name", "model"),
+                       model_data=data.model_data, text_cache=str(cfg.model.get("text_cache", "")))
 
 
 # ---------------------------------------------------------------- jobs
@@ -235,7 +240,6 @@ def run_evaluate(cfg: EngineConfig) -> dict:
     ps = make_ps(cfg, run_dir.name)
     ps.restore(ck.ps_url(src))
     t0 = time.time()
-    tests = test_report(model, ps.pull, data.test, cfg.eval, run_dir / "test", name=cfg.model.get("name", "model"))
-    overall = {name: {mode: s["overall"]["all"] for mode, s in modes.items()} for name, modes in tests.items()}
-    return {"run_dir": str(run_dir), "checkpoint": str(src), "checkpoint_step": state.step, "test": overall,
+    tests = run_tests(cfg, data, model, ps, run_dir)
+    return {"run_dir": str(run_dir), "checkpoint": str(src), "checkpoint_step": state.step, **summarize_tests(tests),
             "test_seconds": round(time.time() - t0, 1), "data": data.stats}

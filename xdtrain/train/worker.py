@@ -296,6 +296,9 @@ class Worker:
         t, s = self.cfg.train, self.state
         deadline = self.t_start + t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         self.attempt_of_group()
+        if t.eval_at_start and t.eval_every and s.step == 0 and not s.validations:
+            # The starting model competes too (fine-tuning: the authors validate at epoch 0 before training).
+            self._checkpoint(self.reader.state_dict(), self._validate())
         while not s.finished:
             if t.max_steps and s.step >= t.max_steps:
                 s.finished, s.stop_reason = True, "max_steps"
