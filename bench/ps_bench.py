@@ -8,6 +8,9 @@ with --sorted, as the engine passes np.unique output; with --grouped, ordered by
 so that each shard's rows form one block of the output) go to:
   pull:  PSClient.pull            vs  W.index_select(0, ids) on one torch tensor (and np.take,
                                       and LocalPS.pull)
+         PSClient.pull of routed ids (`PSClient.route(ids)`, done ahead of time as the engine's
+         batch builder does: no dedup or routing in the pull, each shard writes one block of the
+         output); `route` itself is timed too, and "routed+route" is the rate of both in series
   push:  PSClient.push + flush    vs  LocalPS.push (the in-process backend, same optimizer code);
          the client's replay log is on (default size) and emptied before each series, as a
          checkpoint would, so its cost is the steady-state copy per push
@@ -38,6 +41,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `bench` and `xdtrain` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from xdtrain.ps.ids import route_ids  # noqa: E402
 from xdtrain.ps.init import mix64  # noqa: E402
 from xdtrain.ps.local import LocalPS  # noqa: E402
 from xdtrain.ps.optim import OptimizerSpec  # noqa: E402
@@ -120,6 +124,7 @@ def measure_point(ps, local, weight, bs: list, ps_bs: list, g: torch.Tensor, rou
     `bs` index rows 0..n-1 (the baselines); `ps_bs` are the same rows' ids as the PS knows them.
     """
     tb = [torch.from_numpy(b) for b in bs]
+    routed = [ps.route(b) for b in ps_bs]
     w_np = weight.numpy()
 
     def push(p):
@@ -136,6 +141,8 @@ def measure_point(ps, local, weight, bs: list, ps_bs: list, g: torch.Tensor, rou
             ("np.take", lambda b: np.take(w_np, b, axis=0), bs),
             ("local pull", lambda b: local.pull("t", b), ps_bs),
             ("pull", lambda b: ps.pull("t", b), ps_bs),
+            ("pull routed", lambda r: ps.pull("t", r), routed),
+            ("route", lambda b: route_ids(b, ps.slot_map), ps_bs),  # not Router.route: it memoizes
             ("local push", push(local), ps_bs),
             ("push", push(ps), ps_bs),
         ):
@@ -144,6 +151,9 @@ def measure_point(ps, local, weight, bs: list, ps_bs: list, g: torch.Tensor, rou
     out["pull ratio"] = out["pull"] / out["index_select"]
     out["pull/np.take"] = out["pull"] / out["np.take"]
     out["push ratio"] = out["push"] / out["local push"]
+    out["routed ratio"] = out["pull routed"] / out["index_select"]
+    out["routed+route"] = 1 / (1 / out["pull routed"] + 1 / out["route"])
+    out["routed+route ratio"] = out["routed+route"] / out["index_select"]
     return out
 
 
@@ -223,6 +233,7 @@ def main() -> None:
     print("pull baseline: index_select on one tensor; push baseline: LocalPS.push (same optimizer code)")
     head = f"{'dist':<8} {'ids':>6} {'shards':>6} | {'pull':>10} {'idx_sel':>10} {'ratio':>6} {'np.take':>10}"
     head += f" {'ratio':>6} {'local':>10} | {'push':>10} {'local':>10} {'ratio':>6}"
+    head += f" | {'routed':>10} {'ratio':>6} {'route':>10} {'+route':>10} {'ratio':>6}"
     print(head)
     for dist, size in batches:
         for shards in args.shards:
@@ -232,6 +243,8 @@ def main() -> None:
                 f" {r['pull ratio']:>6.2f} {r['np.take']:>10,.0f} {r['pull/np.take']:>6.2f}"
                 f" {r['local pull']:>10,.0f}"
                 f" | {r['push']:>10,.0f} {r['local push']:>10,.0f} {r['push ratio']:>6.2f}"
+                f" | {r['pull routed']:>10,.0f} {r['routed ratio']:>6.2f} {r['route']:>10,.0f}"
+                f" {r['routed+route']:>10,.0f} {r['routed+route ratio']:>6.2f}"
             )
     floor = spec.bytes_floor_per_row()
     print(f"\nmemory per row (floor {floor} B = {dim}*4 vector + 4 row-wise Adagrad + 8 key)")

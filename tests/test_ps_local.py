@@ -413,3 +413,24 @@ def test_repeated_ids_are_grouped_by_shard_and_read_the_same_rows():
     np.testing.assert_array_equal(req.uniq[req.inverse], ids)
     three._discard(req)
     assert torch.equal(three.pull("t", ids), one.pull("t", ids))
+
+
+def test_route_orders_distinct_ids_by_shard_and_pull_rows_puts_them_back():
+    from xdtrain.nn.sparse import pull_rows
+
+    ps = LocalPS(3)
+    ps.create_table(TableSpec("r", 4))
+    ids = np.array([[7, 3, 99], [3, 1000, 42]])
+    plain = ps.pull("r", np.unique(ids))
+    r = ps.route(np.unique(ids))
+    assert sorted(r.ids.tolist()) == [3, 7, 42, 99, 1000] and r.order is not None
+    assert torch.equal(ps.pull("r", r), plain[r.order])
+    assert ps.route(np.unique(ids)) is r  # recent routes are found again, not recomputed
+    ps.reshard(2)
+    assert ps.route(np.unique(ids)) is not r and torch.equal(ps.pull("r", r), plain[r.order])
+    rows = pull_rows(ps, {"r": torch.from_numpy(ids)})["r"]
+    assert torch.equal(rows.weight.detach(), plain)  # back in sorted-id order for Rows
+    assert torch.equal(rows(torch.tensor([1000, 7])), plain[[4, 1]])
+    one = LocalPS(1)
+    one.create_table(TableSpec("r", 4))
+    assert one.route([9, 2, 5]).order is None  # one shard: nothing to reorder

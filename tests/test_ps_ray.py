@@ -317,3 +317,46 @@ def test_client_copies_in_other_processes_share_pushes_checkpoints_and_restores(
     ps.flush()
     assert np.array_equal(get(w.pull.remote(ids[:10])), first[:10] - 1.0)
     ps.close()
+
+
+def test_routed_ids_pull_push_and_prefetch_match_plain_ids(ray_cluster):
+    """Ids routed ahead of time (`route`): same rows and updates as plain ids, one block per shard,
+    a prefetch of them is used by the pull, and after a reshard they still pull the right rows."""
+    from xdtrain.ps.client import PSClient
+    from xdtrain.ps.ids import RoutedIds
+
+    spec = TableSpec("routed", 16, optimizer=OptimizerSpec("rowwise_adagrad", lr=0.05))
+    ps, ref = PSClient(2), LocalPS(3)
+    for c in (ps, ref):
+        c.create_table(spec)
+    rng = np.random.default_rng(3)
+    uniq = np.unique(rng.integers(0, 50_000, 6000))
+    r = ps.route(uniq)
+    assert isinstance(r, RoutedIds) and np.array_equal(r.ids, uniq[r.order])
+    assert [k for k, _, _ in r.blocks] == [0, 1] and r.blocks[0][1] == 0 and r.blocks[-1][2] == len(uniq)
+    for k, a, b in r.blocks:
+        assert (ps.slot_map.shard_of(r.ids[a:b]) == k).all() and (np.diff(r.ids[a:b]) > 0).all()
+    req = ps._start_pull("routed", r.ids, r.groups())
+    assert [c.args[5] for c in req.calls] == [0, r.blocks[1][1]]  # each shard writes one block
+    ps._discard(req)
+
+    assert torch.equal(ps.pull("routed", r), ref.pull("routed", uniq)[r.order])
+    g = torch.from_numpy(rng.standard_normal((len(uniq), 16)).astype(np.float32))
+    ps.push("routed", r, g[r.order])  # grads in routed order
+    ref.push("routed", uniq, g)
+    assert torch.equal(ps.pull("routed", uniq), ref.pull("routed", uniq))
+
+    ps.prefetch("routed", r)
+    ps.push("routed", r, g[r.order])  # after the prefetch: staleness 0 re-pulls the touched rows
+    ref.push("routed", uniq, g)
+    before = ps.stats(shards=False)["events"].get("prefetch_rows_refreshed", 0)
+    assert torch.equal(ps.pull("routed", r), ref.pull("routed", uniq)[r.order])
+    assert ps.stats(shards=False)["events"]["prefetch_rows_refreshed"] - before == len(uniq)
+
+    ps.reshard(3)  # r was routed under the old slot map: pulled as plain ids, still right
+    assert torch.equal(ps.pull("routed", r), ref.pull("routed", uniq)[r.order])
+    r3 = ps.route(uniq)
+    assert len(r3.blocks) == 3 and torch.equal(ps.pull("routed", r3), ref.pull("routed", r3))  # ref: plain ids
+    with pytest.raises(ValueError, match="ids repeat"):
+        ps.route([5, 1, 5])
+    ps.close()

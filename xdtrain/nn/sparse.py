@@ -93,9 +93,21 @@ def pull_rows(ps: Any, ids_by_table: dict[str, Tensor | np.ndarray], pads: dict[
     out = {}
     for table, ids in ids_by_table.items():
         uniq = unique_ids(ids)
-        weight = ps.pull(table, uniq).detach().clone().requires_grad_(requires_grad)
-        out[table] = Rows(uniq, weight, (pads or {}).get(table))
+        routed = _routed(ps, uniq)
+        if routed is None or routed.order is None:
+            weight = ps.pull(table, uniq if routed is None else routed).detach().clone()
+        else:  # rows come grouped by shard; putting them back in id order replaces the clone
+            rows = ps.pull(table, routed)
+            weight = torch.empty_like(rows).index_copy_(0, torch.from_numpy(routed.order), rows)
+        out[table] = Rows(uniq, weight.requires_grad_(requires_grad), (pads or {}).get(table))
     return out
+
+
+def _routed(ps: Any, uniq: np.ndarray):
+    """`uniq` grouped by PS shard (`RoutedIds`) when the backend routes ahead of time, else None:
+    each shard then writes its rows as one block, and the client skips its own routing."""
+    route = getattr(ps, "route", None)
+    return route(uniq) if route is not None else None
 
 
 def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
@@ -115,7 +127,9 @@ def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
 def prefetch_rows(ps: Any, ids_by_table: dict[str, Tensor | np.ndarray]) -> None:
     """Start pulling the next batch's rows now (overlaps with this batch's compute when the PS allows)."""
     for table, ids in ids_by_table.items():
-        ps.prefetch(table, unique_ids(ids))
+        uniq = unique_ids(ids)
+        routed = _routed(ps, uniq)
+        ps.prefetch(table, uniq if routed is None else routed)
 
 
 class SparseModel(Protocol):

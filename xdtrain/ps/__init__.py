@@ -6,6 +6,8 @@
     ps.create_table(TableSpec("item", 64, optimizer=OptimizerSpec("rowwise_adagrad", lr=0.05)))
     emb = ps.pull("item", ids)               # (len(ids), 64) float32 tensor; new ids are admitted
     ps.push("item", ids, emb_grad)           # summed per id, applied on the shards
+    r = ps.route(np.unique(ids))             # ahead of time (batch builder): grouped by shard
+    emb = ps.pull("item", r)                 # rows in r.ids order: no dedup, routing or scatter
     ps.checkpoint("s3://bucket/run/ps")      # restore onto any shard count: PSClient.from_checkpoint
 
 `PSClient` is imported lazily so that the in-process backend does not import Ray.
@@ -17,11 +19,14 @@ from typing import Any
 
 from xdtrain.ps.checkpoint import CheckpointError
 from xdtrain.ps.export import read_export
+from xdtrain.ps.ids import RoutedIds
 from xdtrain.ps.local import LocalPS
 from xdtrain.ps.optim import OptimizerSpec
 from xdtrain.ps.table import TableSpec
 
-__all__ = ["CheckpointError", "LocalPS", "OptimizerSpec", "PSClient", "PSError", "TableSpec", "read_export"]
+__all__ = [
+    "CheckpointError", "LocalPS", "OptimizerSpec", "PSClient", "PSError", "RoutedIds", "TableSpec", "read_export",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Ids on the client side: validation to int64, and deduplication.
+"""Ids on the client side: validation to int64, deduplication, and routing ahead of time.
 
 The engine passes np.unique output (sorted, distinct): strictly increasing ids are recognised in
 one O(n) pass, with no sort and no copy. Other ids are sorted once to look for repeats (as int32
@@ -8,11 +8,15 @@ was no faster here), and factorized only if there are any.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    from xdtrain.ps.slots import SlotMap
 
 
 def as_ids(ids: Any) -> np.ndarray:
@@ -49,3 +53,45 @@ def dedup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return ids, None
     inverse, uniq = pd.factorize(ids)
     return np.ascontiguousarray(uniq, dtype=np.int64), inverse.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class RoutedIds:
+    """Distinct ids reordered so that each shard's form one block (`route_ids`, `PSClient.route`).
+
+    Pulling these skips dedup and routing, and every shard writes its rows as one contiguous
+    block of the output instead of scattering them: the job of a batch builder, ahead of time.
+    Pulled rows come back in `ids` order; `ids == caller_ids[order]` (`order` None: same order).
+    Made under one `slot_map` object: a client whose map is another one (after a reshard, or
+    another client) treats them as plain distinct ids.
+    """
+
+    ids: np.ndarray
+    blocks: tuple[tuple[int, int, int], ...]  # (shard, start, stop) in ids
+    order: np.ndarray | None
+    slot_map: SlotMap = field(repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def groups(self) -> list[tuple[int, np.ndarray | None]]:
+        """(shard, positions in ids) per shard, as the router's own routing returns them."""
+        if len(self.blocks) == 1:
+            return [(self.blocks[0][0], None)]
+        return [(k, np.arange(a, b, dtype=np.int64)) for k, a, b in self.blocks]
+
+
+def route_ids(ids: Any, slot_map: SlotMap) -> RoutedIds:
+    """`ids` (distinct) grouped by the shard that owns them, increasing within each shard."""
+    ids = as_ids(ids)
+    if dedup(ids)[1] is not None:
+        raise ValueError("route_ids: ids repeat; pass distinct ids (e.g. np.unique(ids))")
+    if not len(ids):
+        return RoutedIds(ids, (), None, slot_map)
+    groups = slot_map.split(ids) if slot_map.num_shards > 1 else [(0, None)]
+    if len(groups) == 1:
+        return RoutedIds(ids, ((groups[0][0], 0, len(ids)),), None, slot_map)
+    order = np.concatenate([sel for _, sel in groups])
+    bounds = np.cumsum([0] + [len(sel) for _, sel in groups])
+    blocks = tuple((k, int(bounds[i]), int(bounds[i + 1])) for i, (k, _) in enumerate(groups))
+    return RoutedIds(ids[order], blocks, order, slot_map)

@@ -7,6 +7,7 @@ admission counters and last-update steps. Both backends (in-process and Ray acto
 
 from __future__ import annotations
 
+import mmap
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,7 @@ DTYPES = ("float32", "float16")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _COMPACT_ROWS = 65536
 _SCRATCH_BYTES = 512 << 10  # gather chunk for pull_into: fits in L2 with room to spare
+_HUGE_MIN_BYTES = 32 << 20  # arrays from this size on go on transparent huge pages
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,22 @@ class TableSpec:
         return self.dim * np.dtype(self.dtype).itemsize + state_bytes_per_row(self.optimizer, self.dim) + 8
 
 
+def _empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """np.empty, on transparent huge pages when large: random row gathers then miss the TLB far
+    less (measured here: a 32k-row gather from 2M x 64 fp32 rows 1.5x faster)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < _HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(shape, dtype=dtype)
+    mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP off in this kernel: plain pages
+        pass
+    return np.frombuffer(mem, dtype=dtype).reshape(shape)  # the array keeps the mapping alive
+
+
 def _grow(arr: np.ndarray, cap: int) -> np.ndarray:
-    out = np.empty((cap,) + arr.shape[1:], dtype=arr.dtype)
+    out = _empty((cap,) + arr.shape[1:], arr.dtype)
     out[: len(arr)] = arr
     return out
 
