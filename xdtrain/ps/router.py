@@ -1,4 +1,4 @@
-"""The client logic both backends share: dedup, routing by slot, reassembly, prefetch, bulk ops.
+"""The client logic both backends share: dedup, routing by slot, reassembly, prefetch.
 
 A backend supplies the transport (`_submit`/`_wait`/`_reap`) and shard lifecycle
 (`_add_shards`/`_close_shards`); everything a user calls lives here, so the in-process
@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xdtrain.ps import checkpoint as ckpt
-from xdtrain.ps.export import write_export_manifest
+from xdtrain.ps.bulk import WholeTableOps
 from xdtrain.ps.ids import RoutedIds, as_ids, dedup, route_ids
 from xdtrain.ps.metrics import PSStats
 from xdtrain.ps.slots import SlotMap
@@ -29,7 +28,6 @@ from xdtrain.ps.table import TableSpec
 
 _MAX_PREFETCH = 8
 _KEEP_ROUTES = 4
-_MOVE_SLOTS = 128  # slots moved per request when resharding (bounds the in-flight copy)
 
 
 @dataclass
@@ -79,7 +77,7 @@ def contiguous(sel: np.ndarray | None) -> bool:
     return sel is None or len(sel) == 0 or int(sel[-1]) - int(sel[0]) + 1 == len(sel)
 
 
-class Router(ABC):
+class Router(WholeTableOps, ABC):
     """Everything a PS client does, over an abstract set of shards."""
 
     def __init__(self, slot_map: SlotMap, staleness: int = 0) -> None:
@@ -397,109 +395,6 @@ class Router(ABC):
         calls = [self._call(k, "evict", table, step, replayable=True) for k in range(self.num_shards)]
         self._on_evict(table, step)
         return int(sum(self._wait(calls)))
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def checkpoint(self, url: str) -> str:
-        """Write every shard under `url`, then the manifest (the commit point). Returns its path.
-
-        One writer per URL. Pushes are flushed first, so the checkpoint holds all pushes issued
-        before the call and none after.
-        """
-        self.flush()
-        t0 = time.perf_counter()
-        token = ckpt.new_token()
-        data_dir = f"data-{token}"
-        subdirs = [f"{data_dir}/shard-{k:05d}" for k in range(self.num_shards)]
-        infos = self._wait(
-            [self._call(k, "write_checkpoint", url, subdirs[k]) for k in range(self.num_shards)]
-        )
-        manifest = {
-            "format": ckpt.FORMAT,
-            "format_version": ckpt.FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "num_slots": self.slot_map.num_slots,
-            "slot_map": self.slot_map.to_dict(),
-            "tables": {name: spec.to_dict() for name, spec in self._specs.items()},
-            "steps": dict(self._step),
-            "shards": [{"dir": subdirs[k], "tables": infos[k]} for k in range(self.num_shards)],
-        }
-        path = ckpt.write_manifest(url, manifest)
-        ckpt.remove_stale_data(url, keep=data_dir)
-        self._on_commit(url)
-        rows = sum(t["rows"] for info in infos for t in info.values())
-        self._record("checkpoint", "*", rows, 0, time.perf_counter() - t0)
-        return path
-
-    def restore(self, url: str) -> None:
-        """Load the checkpoint at `url` onto the current shards (any shard count).
-
-        Other copies of a PSClient on the same shards (e.g. in Ray Train workers) read the
-        restored rows at once; each must call `checkpoint_committed(url)`, so that a later shard
-        recovery does not replay its pushes from before the restore, and must not rely on rows it
-        prefetched before it.
-        """
-        manifest = ckpt.read_manifest(url)
-        if manifest["num_slots"] != self.slot_map.num_slots:
-            raise ckpt.CheckpointError(
-                f"{url}: checkpoint has {manifest['num_slots']} virtual slots, "
-                f"this client {self.slot_map.num_slots}"
-            )
-        self.flush()
-        self._drop_prefetches()
-        t0 = time.perf_counter()
-        rows = self._all("load_checkpoint", url, manifest)
-        self._specs = {name: TableSpec.from_dict(d) for name, d in manifest["tables"].items()}
-        self._step = {name: int(manifest["steps"].get(name, 0)) for name in self._specs}
-        self._on_commit(url)
-        self._record("restore", "*", int(sum(rows)), 0, time.perf_counter() - t0)
-
-    # ---- elastic resharding --------------------------------------------------------------------
-    def reshard(self, num_shards: int) -> dict[tuple[int, int], int]:
-        """Move to `num_shards` shards, moving whole slots (as few as balance needs).
-
-        Returns {(source, destination): slots moved}. Other clients of the same shards must be
-        handed a fresh copy of this client afterwards (shards reject requests routed with an old
-        map). Not crash-safe: if a shard fails mid-way, restore the last checkpoint.
-        """
-        self.flush()
-        self._drop_prefetches()
-        old, new = self.slot_map, self.slot_map.rebalance(num_shards)
-        if num_shards > old.num_shards:
-            self._add_shards(list(range(old.num_shards, num_shards)), old)
-            for k in range(old.num_shards, num_shards):
-                self._wait([self._call(k, "create_table", spec) for spec in self._specs.values()])
-        moves = old.moves(new)
-        for (src, dst), slots in moves.items():
-            for start in range(0, len(slots), _MOVE_SLOTS):
-                chunk = slots[start : start + _MOVE_SLOTS]
-                payload = self._call(src, "take_slots", chunk)
-                self._wait([self._call(dst, "insert_rows", self._forward(payload))])
-                self._wait([self._call(src, "drop_slots", chunk)])
-        self._wait(
-            [self._call(k, "set_slot_map", new.to_dict()) for k in range(max(num_shards, old.num_shards))]
-        )
-        self.slot_map = new
-        if num_shards < old.num_shards:
-            self._close_shards(list(range(num_shards, old.num_shards)))
-        return {k: len(v) for k, v in moves.items()}
-
-    def _forward(self, call: Call) -> Any:
-        """Pass one call's result as another call's argument (Ray: the object ref, unfetched)."""
-        return self._wait([call])[0]
-
-    # ---- export ----------------------------------------------------------------------------------
-    def export(self, table: str, url: str, rows_per_file: int = 1 << 22) -> str:
-        """Write `table` as Parquet (id, vector) under `url`; returns the manifest path, written last."""
-        spec = self._spec(table)
-        self.flush()
-        t0 = time.perf_counter()
-        fs, root = ckpt.url_to_fs(url)
-        if fs.exists(f"{root}/_MANIFEST.json"):
-            raise FileExistsError(f"{url}: an export is already there; export to a fresh URL")
-        files = [f for part in self._all("export", table, url, rows_per_file) for f in part]
-        path = write_export_manifest(url, table, spec.dim, files)
-        self._record("export", table, sum(f["rows"] for f in files), 0, time.perf_counter() - t0)
-        return path
 
     # ---- metrics ---------------------------------------------------------------------------------
     def stats(self, shards: bool = True) -> dict:
