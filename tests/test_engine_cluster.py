@@ -29,14 +29,14 @@ def world(tmp_path_factory) -> str:
     return make_world(tmp_path_factory.mktemp("cluster") / "world")
 
 
-def wait_until(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
+def wait_until(cond, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = cond()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
+            out = log.read_text() if log is not None else ""
             raise AssertionError(f"driver exited ({proc.returncode}) before {what}:\n{out[-4000:]}")
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
@@ -61,22 +61,25 @@ def test_elastic_training_shrinks_and_grows_with_the_cluster(world, tmp_path):
         # wait for it, so give up on that sooner than Ray's 60 s default.
         env = {**os.environ, **cl.client_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.pretrain", "--config", "configs/demo.yaml", *argv],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # The driver's output goes to a file: a pipe nobody reads while the test waits would fill
+        # up and block the driver.
+        log = tmp_path / "driver.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "jobs.pretrain", "--config", "configs/demo.yaml", *argv],
+                                    cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_until(lambda: last_train(run_dir).get("step", 0) >= 6, 240, "step 6 on 2 workers", proc)
+            wait_until(lambda: last_train(run_dir).get("step", 0) >= 6, 240, "step 6 on 2 workers", proc, log)
             assert last_train(run_dir)["workers"] == 2
             cl.kill_node("worker-1")
-            wait_until(lambda: last_train(run_dir).get("workers") == 1, 240, "a 1-worker record", proc)
+            wait_until(lambda: last_train(run_dir).get("workers") == 1, 240, "a 1-worker record", proc, log)
             cl.add_node(trainer)
             wait_until(lambda: any(r["kind"] == "train" and r["workers"] == 2 and r["attempt"] >= 2
-                                   for r in records(run_dir)), 300, "scale back up to 2 workers", proc)
-            out, _ = proc.communicate(timeout=600)
+                                   for r in records(run_dir)), 300, "scale back up to 2 workers", proc, log)
+            proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
                 proc.kill()
-        (tmp_path / "driver.log").write_text(out)
-        assert proc.returncode == 0, out[-4000:]
+        assert proc.returncode == 0, log.read_text()[-4000:]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["stop_reason"] == "epochs"
     assert summary["samples"] == 40 * sequences_in(run_dir)  # exactly once per epoch across resizes

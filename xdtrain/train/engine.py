@@ -156,7 +156,8 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
         ps.checkpoint(ps_init)
     # On the driver's node: it must outlive any worker node that is lost or removed.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    board = ProgressBoard.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote()
+    board = ProgressBoard.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote(
+        str(run_dir / "attempts.json"))
     t_fit = time.time()
     result = fit(cfg, data, ps, ps_init, board, init_dense, faults)
     if result.error is not None:

@@ -4,13 +4,20 @@ Ray Train's own `report` reaches only its controller, so rank 0 also sends small
 `ProgressBoard` actor (fire and forget, no CPU reserved). The driver runs `trainer.fit()` in a
 thread and polls the board: it draws a tqdm bar (loss, samples/s, PS rows/s), appends every
 record to `<run_dir>/curves.jsonl`, and lets tests see worker pids and steps (fault injection).
+
+The board is placed on the driver's node and restarts if its process dies. Its attempt counter
+(which also makes checkpoint names unique per worker group) is kept in a small file in the run
+directory, so a restarted board goes on counting; the watcher notices the new incarnation and
+reads the new board from its first record.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +27,28 @@ from tqdm import tqdm
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    def __init__(self) -> None:
+    def __init__(self, state_path: str = "") -> None:
+        self.incarnation = uuid.uuid4().hex
+        self.state_path = state_path  # where the attempt count survives a restart of this actor
         self.records: list[dict] = []
-        self.attempts = 0
+        self.attempts = self._saved_attempts()
         self.pids: dict[int, int] = {}
         self.total_steps = 0
+
+    def _saved_attempts(self) -> int:
+        try:
+            return int(json.loads(Path(self.state_path).read_text())["attempts"])
+        except (OSError, ValueError, KeyError, TypeError):  # none yet (or not reachable from here)
+            return 0
 
     def new_attempt(self, world_size: int) -> int:
         """Called by rank 0 when a worker group starts; returns the attempt number (0 = first)."""
         self.attempts += 1
         self.pids = {}
+        if self.state_path:
+            tmp = f"{self.state_path}.tmp"
+            Path(tmp).write_text(json.dumps({"attempts": self.attempts}))
+            os.replace(tmp, self.state_path)
         return self.attempts - 1
 
     def register(self, rank: int, pid: int) -> None:
@@ -41,8 +60,9 @@ class ProgressBoard:
     def add(self, record: dict) -> None:
         self.records.append(record)
 
-    def since(self, index: int) -> tuple[list[dict], int, int]:
-        return self.records[index:], self.total_steps, self.attempts
+    def since(self, index: int) -> tuple[list[dict], int, int, str]:
+        """(records from `index` on, total steps, attempts so far, this board's incarnation)."""
+        return self.records[index:], self.total_steps, self.attempts, self.incarnation
 
     def worker_pids(self) -> dict[int, int]:
         return dict(self.pids)
@@ -57,6 +77,7 @@ class ProgressWatcher:
         self.curves.parent.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=0, desc="train", unit="step", disable=not show, mininterval=1.0)
         self.seen = 0
+        self.incarnation: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self.last_train: dict = {}
@@ -82,7 +103,12 @@ class ProgressWatcher:
                 pass
 
     def poll(self) -> None:
-        records, total, attempts = ray.get(self.board.since.remote(self.seen))
+        records, total, attempts, incarnation = ray.get(self.board.since.remote(self.seen))
+        if incarnation != self.incarnation:
+            if self.incarnation is not None:  # the board restarted: its records start again at 0
+                records, total, attempts, incarnation = ray.get(self.board.since.remote(0))
+                self.seen = 0
+            self.incarnation = incarnation
         self.seen += len(records)
         if total and self.bar.total != total:
             self.bar.total = total
@@ -105,9 +131,12 @@ class ProgressWatcher:
 
 def wait_for_step(board: Any, step: int, timeout_s: float = 300.0) -> dict:
     """Block until rank 0 reported a train record at or after `step` (tests use it to time faults)."""
-    deadline, seen = time.time() + timeout_s, 0
+    deadline, seen, last = time.time() + timeout_s, 0, None
     while time.time() < deadline:
-        records, _, _ = ray.get(board.since.remote(seen))
+        records, _, _, incarnation = ray.get(board.since.remote(seen))
+        if incarnation != last:
+            records, _, _, last = ray.get(board.since.remote(0))
+            seen = 0
         seen += len(records)
         for r in records:
             if r.get("kind") == "train" and r["step"] >= step:

@@ -1,0 +1,34 @@
+"""The progress board survives a restart of its actor: attempts go on counting, and the driver's
+watcher reads the new board from its first record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+
+from xdtrain.train.progress import ProgressBoard, ProgressWatcher, wait_for_step
+
+pytestmark = pytest.mark.ray
+
+
+def _train(step: int, attempt: int) -> dict:
+    return {"kind": "train", "step": step, "epoch": 0, "loss": 1.0, "samples_per_s": 1.0,
+            "ps_rows_per_s": 0.0, "workers": 1, "attempt": attempt}
+
+
+def test_board_restart_keeps_attempts_and_the_watcher_rereads_it(ray_cluster, tmp_path):
+    board = ProgressBoard.options(max_restarts=-1, max_task_retries=-1).remote(str(tmp_path / "attempts.json"))
+    watcher = ProgressWatcher(board, tmp_path, show=False)
+    assert ray.get([board.new_attempt.remote(1), board.new_attempt.remote(1)]) == [0, 1]
+    ray.get([board.add.remote(_train(s, 1)) for s in (1, 2, 3)])
+    watcher.poll()
+    ray.kill(board, no_restart=False)  # the actor's process dies; Ray starts it again
+    assert ray.get(board.new_attempt.remote(1)) == 2  # not 0: the count was kept in the run dir
+    ray.get(board.add.remote(_train(4, 2)))
+    watcher.poll()  # the new board has 1 record, fewer than the 3 already seen: still read
+    steps = [json.loads(line)["step"] for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert wait_for_step(board, 4, timeout_s=10)["attempt"] == 2
+    assert ray.get(board.since.remote(0))[2] == 3
