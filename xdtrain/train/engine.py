@@ -154,8 +154,10 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     else:
         ps_init = str(run_dir / "ps_init")
         ps.checkpoint(ps_init)
-    # On the driver's node: it must outlive any worker node that is lost or removed.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # On the driver's node: it must outlive any worker node that is lost or removed. Hard
+    # affinity: with soft=True Ray placed it on another node of a local cluster (seen in CI),
+    # which the elasticity test then killed.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     board = ProgressBoard.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote(
         str(run_dir / "attempts.json"))
     t_fit = time.time()
