@@ -61,11 +61,14 @@ def test_in_process_ps_matches_ray_ps_on_one_worker(ray_cluster, world, tmp_path
 def test_interrupted_run_resumes_to_the_same_curve(ray_cluster, world, tmp_path):
     """Stop after 7 steps (mid-epoch), start again on the same run_dir: the loss curve and the data
     consumed match an uninterrupted run."""
-    common = ("scale.workers=1", "ps.backend=ray", "train.eval_every=0")
+    # a checkpoint every 2 steps, 2 kept: the resumed run starts on a run_dir with pruned checkpoints
+    common = ("scale.workers=1", "ps.backend=ray", "train.eval_every=0", "train.checkpoint_every=2")
     full = train(engine_config(world, tmp_path / "full", *common))
     cut = engine_config(world, tmp_path / "cut", *common, "train.max_steps=7")
     first = train(cut)
     assert first["steps"] == 7 and first["stop_reason"] == "max_steps"
+    snapshot = json.loads((tmp_path / "cut" / "train" / ck.RAY_SNAPSHOT).read_text())
+    assert len(snapshot["checkpoint_results"]) > len(list((tmp_path / "cut" / "train").glob("checkpoint_*")))
     resumed = train(engine_config(world, tmp_path / "cut", *common))
     assert resumed["steps"] == full["steps"] and resumed["samples"] == full["samples"]
     assert full["samples"] == 2 * sequences_in(tmp_path / "full")
@@ -112,3 +115,20 @@ def test_bad_engine_configs_name_the_key(world, tmp_path):
         train(engine_config(world, tmp_path / "y", "model.name=nope"))
     with pytest.raises(ConfigError, match="unknown key 'model.dd'"):
         train(engine_config(world, tmp_path / "z", "model.dd=3"))
+
+
+def test_reconcile_ray_snapshot_forgets_pruned_checkpoints(tmp_path):
+    names = [ck.checkpoint_name(s) for s in (2, 4, 6)]
+    for n in names[1:]:
+        (tmp_path / n).mkdir()
+    entry = [{"version": 0, "checkpoint_dir_name": n, "metrics": {"step": i}} for i, n in enumerate(names)]
+    snap = {"checkpoint_results": entry, "checkpoint_report_indices": [0, 1, 2],
+            "latest_checkpoint_result": entry[2], "validated_checkpoint_dir_names": names}
+    (tmp_path / ck.RAY_SNAPSHOT).write_text(json.dumps(snap))
+    assert ck.reconcile_ray_snapshot(tmp_path) == [names[0]]
+    got = json.loads((tmp_path / ck.RAY_SNAPSHOT).read_text())
+    assert [r["checkpoint_dir_name"] for r in got["checkpoint_results"]] == names[1:]
+    assert got["checkpoint_report_indices"] == [1, 2] and got["latest_checkpoint_result"] == entry[2]
+    assert got["validated_checkpoint_dir_names"] == names[1:]
+    assert ck.reconcile_ray_snapshot(tmp_path) == []  # consistent now: left as it is
+

@@ -150,3 +150,39 @@ def prune(run_storage: str | Path, keep: int, protect: set[str]) -> list[str]:
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return [p.name for p in doomed]
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
+
+
+def reconcile_ray_snapshot(run_storage: str | Path) -> list[str]:
+    """Forget, in Ray Train's run snapshot, the checkpoints `prune` deleted; returns their names.
+
+    Ray Train refuses to start on a run directory whose snapshot names a checkpoint that is gone
+    ("corrupted run directory"), so without this a second run on a finished run's run_dir (e.g. a
+    second `make demo`) failed instead of resuming. Called before each fit; written atomically.
+    """
+    root = Path(run_storage)
+    path = root / RAY_SNAPSHOT
+    if not path.exists():
+        return []
+    snap = json.loads(path.read_text())
+    results, indices = snap.get("checkpoint_results", []), snap.get("checkpoint_report_indices", [])
+    present = [(r, i) for r, i in zip(results, indices) if (root / r["checkpoint_dir_name"]).is_dir()]
+    gone = [r["checkpoint_dir_name"] for r in results if not (root / r["checkpoint_dir_name"]).is_dir()]
+    if not gone:
+        return []
+    snap["checkpoint_results"] = [r for r, _ in present]
+    snap["checkpoint_report_indices"] = [i for _, i in present]
+    latest = snap.get("latest_checkpoint_result")
+    if latest is not None and latest["checkpoint_dir_name"] in gone:
+        snap["latest_checkpoint_result"] = present[-1][0] if present else None
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if isinstance(snap.get(key), list):
+            snap[key] = [name for name in snap[key] if name not in gone]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(snap))
+    os.replace(tmp, path)
+    return gone
+

@@ -105,6 +105,7 @@ def fit(cfg: EngineConfig, data: PreparedData, ps, ps_init: str, board, init_den
         "ps": ps if cfg.ps.backend == "ray" else None, "ps_init": ps_init, "init_dense": init_dense,
         "resume_from": cfg.resume_from, "faults": faults or {},
     }
+    ck.reconcile_ray_snapshot(run_dir / RUN_NAME)  # a re-run resumes, though old checkpoints were pruned
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
