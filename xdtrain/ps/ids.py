@@ -91,7 +91,13 @@ def route_ids(ids: Any, slot_map: SlotMap) -> RoutedIds:
     groups = slot_map.split(ids) if slot_map.num_shards > 1 else [(0, None)]
     if len(groups) == 1:
         return RoutedIds(ids, ((groups[0][0], 0, len(ids)),), None, slot_map)
+    order, blocks = shard_blocks(groups)
+    return RoutedIds(ids[order], blocks, order, slot_map)
+
+
+def shard_blocks(groups: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, tuple[tuple[int, int, int], ...]]:
+    """(order, blocks) for per-shard positions `groups`: ids[order] has each shard's ids in one block,
+    blocks[i] = (shard, start, stop)."""
     order = np.concatenate([sel for _, sel in groups])
     bounds = np.cumsum([0] + [len(sel) for _, sel in groups])
-    blocks = tuple((k, int(bounds[i]), int(bounds[i + 1])) for i, (k, _) in enumerate(groups))
-    return RoutedIds(ids[order], blocks, order, slot_map)
+    return order, tuple((k, int(bounds[i]), int(bounds[i + 1])) for i, (k, _) in enumerate(groups))

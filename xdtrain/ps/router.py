@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from xdtrain.ps.bulk import WholeTableOps
-from xdtrain.ps.ids import RoutedIds, as_ids, dedup, route_ids
+from xdtrain.ps.ids import RoutedIds, as_ids, dedup, route_ids, shard_blocks
 from xdtrain.ps.metrics import PSStats
 from xdtrain.ps.slots import SlotMap
 from xdtrain.ps.table import TableSpec
@@ -64,12 +64,10 @@ def _group_by_shard(uniq: np.ndarray, inverse: np.ndarray, groups: list) -> tupl
     The rows are gathered through `inverse` anyway when ids repeat, so this costs one pass over
     the ids, and each shard then writes its rows as one block instead of scattering them.
     """
-    order = np.concatenate([sel for _, sel in groups])
+    order, blocks = shard_blocks(groups)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order), dtype=np.int64)
-    bounds = np.cumsum([0] + [len(sel) for _, sel in groups])
-    blocks = [(k, np.arange(bounds[i], bounds[i + 1])) for i, (k, _) in enumerate(groups)]
-    return uniq[order], rank[inverse], blocks
+    return uniq[order], rank[inverse], [(k, np.arange(a, b, dtype=np.int64)) for k, a, b in blocks]
 
 
 def contiguous(sel: np.ndarray | None) -> bool:
