@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from xdtrain.jobrunner import write_json_atomic
+
 ENGINE_FILE = "engine.json"
 DENSE_FILE = "dense.safetensors"
 OPTIM_FILE = "optimizer.pt"
@@ -181,8 +183,6 @@ def reconcile_ray_snapshot(run_storage: str | Path) -> list[str]:
                 "failed_validation_checkpoint_dir_names"):
         if isinstance(snap.get(key), list):
             snap[key] = [name for name in snap[key] if name not in gone]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(snap))
-    os.replace(tmp, path)
+    write_json_atomic(path, snap)
     return gone
 

@@ -14,7 +14,6 @@ reads the new board from its first record.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -23,6 +22,8 @@ from typing import Any
 
 import ray
 from tqdm import tqdm
+
+from xdtrain.jobrunner import write_json_atomic
 
 
 @ray.remote(num_cpus=0)
@@ -46,9 +47,7 @@ class ProgressBoard:
         self.attempts += 1
         self.pids = {}
         if self.state_path:
-            tmp = f"{self.state_path}.tmp"
-            Path(tmp).write_text(json.dumps({"attempts": self.attempts}))
-            os.replace(tmp, self.state_path)
+            write_json_atomic(self.state_path, {"attempts": self.attempts})
         return self.attempts - 1
 
     def register(self, rank: int, pid: int) -> None:
