@@ -4,6 +4,7 @@ watcher reads the new board from its first record."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import ray
@@ -24,7 +25,14 @@ def test_board_restart_keeps_attempts_and_the_watcher_rereads_it(ray_cluster, tm
     assert ray.get([board.new_attempt.remote(1), board.new_attempt.remote(1)]) == [0, 1]
     ray.get([board.add.remote(_train(s, 1)) for s in (1, 2, 3)])
     watcher.poll()
+    old = ray.get(board.since.remote(0))[3]
     ray.kill(board, no_restart=False)  # the actor's process dies; Ray starts it again
+    # ray.kill returns before the process is gone: calls made right after it could still run on
+    # the old board, so wait until the restarted one answers.
+    deadline = time.time() + 30
+    while ray.get(board.since.remote(0))[3] == old:
+        assert time.time() < deadline, "the board was not restarted within 30 s"
+        time.sleep(0.1)
     assert ray.get(board.new_attempt.remote(1)) == 2  # not 0: the count was kept in the run dir
     ray.get(board.add.remote(_train(4, 2)))
     watcher.poll()  # the new board has 1 record, fewer than the 3 already seen: still read
