@@ -170,10 +170,10 @@ def reconcile_ray_snapshot(run_storage: str | Path) -> list[str]:
         return []
     snap = json.loads(path.read_text())
     results, indices = snap.get("checkpoint_results", []), snap.get("checkpoint_report_indices", [])
-    present = [(r, i) for r, i in zip(results, indices) if (root / r["checkpoint_dir_name"]).is_dir()]
     gone = [r["checkpoint_dir_name"] for r in results if not (root / r["checkpoint_dir_name"]).is_dir()]
     if not gone:
         return []
+    present = [(r, i) for r, i in zip(results, indices) if r["checkpoint_dir_name"] not in gone]
     snap["checkpoint_results"] = [r for r, _ in present]
     snap["checkpoint_report_indices"] = [i for _, i in present]
     latest = snap.get("latest_checkpoint_result")
@@ -185,4 +185,3 @@ def reconcile_ray_snapshot(run_storage: str | Path) -> list[str]:
             snap[key] = [name for name in snap[key] if name not in gone]
     write_json_atomic(path, snap)
     return gone
-

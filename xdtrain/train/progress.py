@@ -59,8 +59,14 @@ class ProgressBoard:
     def add(self, record: dict) -> None:
         self.records.append(record)
 
-    def since(self, index: int) -> tuple[list[dict], int, int, str]:
-        """(records from `index` on, total steps, attempts so far, this board's incarnation)."""
+    def since(self, index: int, incarnation: str | None = None) -> tuple[list[dict], int, int, str]:
+        """(records from `index` on, total steps, attempts so far, this board's incarnation).
+
+        A caller that last read another incarnation (the board restarted since) gets every record
+        from 0: the new board's list starts again.
+        """
+        if incarnation is not None and incarnation != self.incarnation:
+            index = 0
         return self.records[index:], self.total_steps, self.attempts, self.incarnation
 
     def worker_pids(self) -> dict[int, int]:
@@ -102,12 +108,9 @@ class ProgressWatcher:
                 pass
 
     def poll(self) -> None:
-        records, total, attempts, incarnation = ray.get(self.board.since.remote(self.seen))
-        if incarnation != self.incarnation:
-            if self.incarnation is not None:  # the board restarted: its records start again at 0
-                records, total, attempts, incarnation = ray.get(self.board.since.remote(0))
-                self.seen = 0
-            self.incarnation = incarnation
+        records, total, _, incarnation = ray.get(self.board.since.remote(self.seen, self.incarnation))
+        if incarnation != self.incarnation:  # first read, or the board restarted: records are from 0
+            self.seen, self.incarnation = 0, incarnation
         self.seen += len(records)
         if total and self.bar.total != total:
             self.bar.total = total
@@ -132,10 +135,9 @@ def wait_for_step(board: Any, step: int, timeout_s: float = 300.0) -> dict:
     """Block until rank 0 reported a train record at or after `step` (tests use it to time faults)."""
     deadline, seen, last = time.time() + timeout_s, 0, None
     while time.time() < deadline:
-        records, _, _, incarnation = ray.get(board.since.remote(seen))
-        if incarnation != last:
-            records, _, _, last = ray.get(board.since.remote(0))
-            seen = 0
+        records, _, _, incarnation = ray.get(board.since.remote(seen, last))
+        if incarnation != last:  # first read, or the board restarted: records are from 0
+            seen, last = 0, incarnation
         seen += len(records)
         for r in records:
             if r.get("kind") == "train" and r["step"] >= step:
