@@ -114,9 +114,6 @@ class PreRec(nn.Module):
     when cfg.use_popularity).
     """
 
-    # D, f_pop, W_z may sit out a step (ablations, a batch with no target): DDP must not wait for them.
-    ddp_find_unused_parameters = True
-
     def __init__(self, cfg: PreRecConfig, domains: Sequence[str], text: ItemVectors,
                  popularity: PopularityIndex | None = None):
         super().__init__()

@@ -11,6 +11,10 @@ engine (`xdtrain/train/`) knows models only through it:
         def forward(self, batch, emb: dict[str, Rows]) -> Tensor   # the scalar training loss
         def scorer(self, rows: pa.Table, pull: Pull) -> Scorer     # evaluation (xdtrain.eval Scorer)
 
+A model may also declare a training program (several streams, optimizers and phases; named
+losses; `forward(batch, emb, step=...)`, `make_batch(rows, rng, stream=...)`): see
+`xdtrain/nn/program.py`. Without those hooks it gets one stream, one Adam and one phase.
+
 One training step, whatever the backend (`LocalPS` in-process or `PSClient` over Ray actors):
 
     batch = model.make_batch(rows, rng)
@@ -46,7 +50,7 @@ class Rows:
     """
 
     def __init__(self, ids: np.ndarray, weight: Tensor, pad: int | None = None) -> None:
-        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64)).to(weight.device)
         if self.ids.numel() > 1 and not bool((self.ids[1:] > self.ids[:-1]).all()):
             raise ValueError("Rows ids must be sorted and unique")
         if weight.shape[0] != self.ids.numel():
@@ -88,8 +92,9 @@ def unique_ids(ids: Tensor | np.ndarray) -> np.ndarray:
 
 
 def pull_rows(ps: Any, ids_by_table: dict[str, Tensor | np.ndarray], pads: dict[str, int] | None = None,
-              requires_grad: bool = True) -> dict[str, Rows]:
-    """Pull every table's unique ids (one deduplicated request per table) into trainable `Rows`."""
+              requires_grad: bool = True, device: torch.device | str | None = None) -> dict[str, Rows]:
+    """Pull every table's unique ids (one deduplicated request per table) into trainable `Rows`
+    (on `device` when given: the worker's GPU)."""
     out = {}
     for table, ids in ids_by_table.items():
         uniq = unique_ids(ids)
@@ -99,6 +104,8 @@ def pull_rows(ps: Any, ids_by_table: dict[str, Tensor | np.ndarray], pads: dict[
         else:  # rows come grouped by shard; putting them back in id order replaces the clone
             rows = ps.pull(table, routed)
             weight = torch.empty_like(rows).index_copy_(0, torch.from_numpy(routed.order), rows)
+        if device is not None:
+            weight = weight.to(device, non_blocking=True)
         out[table] = Rows(uniq, weight.requires_grad_(requires_grad), (pads or {}).get(table))
     return out
 
@@ -119,7 +126,7 @@ def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
         g = r.grad()
         if scale != 1.0:
             g *= scale
-        ps.push(table, r.ids.numpy(), g)
+        ps.push(table, r.ids.cpu().numpy(), g)
         n += r.ids.numel()
     return n
 

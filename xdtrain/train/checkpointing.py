@@ -1,10 +1,10 @@
 """Engine checkpoints: one directory per checkpoint, consistent at one step.
 
     checkpoint_00000420/
-      engine.json          step, epoch, world size, best validation so far, PS location   (rank 0)
+      engine.json          step, position in the program, best validation, PS location  (rank 0)
       dense.safetensors    the model's dense state_dict                                   (rank 0)
-      optimizer.pt         the dense optimizer's state (tensors only: loaded weights_only)  (rank 0)
-      cursor-rank{r}.json  each worker's streaming-reader cursor                          (every rank)
+      optimizer.pt         every named dense optimizer's state and schedule (weights_only)  (rank 0)
+      cursor-rank{r}.json  each worker's streaming-reader cursor of every stream           (every rank)
       ps/                  every PS shard: rows, optimizer state, id map; manifest last     (the shards)
 
 Ray Train merges the workers' files into the run's `checkpoint_*` directory and registers it only
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -46,10 +46,17 @@ def cursor_file(rank: int) -> str:
 class EngineState:
     """Where training stands; saved in engine.json."""
 
-    step: int = 0  # optimizer steps taken (global: every worker steps together)
-    epoch: int = 0  # the epoch in progress (or the next one, when `epoch_done`)
-    epoch_done: bool = False
+    step: int = 0  # iterations taken (global: every worker steps together)
+    epoch: int = 0  # phase epochs completed, over all phases
     world_size: int = 1
+    # position in the program (xdtrain/train/plan.py)
+    phase: int = 0
+    round: int = 0
+    step_index: int = 0  # the step within the round
+    step_iter: int = 0  # iterations done in that step
+    step_epochs: int = 0  # epochs of its main stream done in that step (steps that count epochs)
+    phase_epoch: int = 0
+    phase_iter: int = 0
     samples: int = 0  # training rows consumed, all workers
     best_score: float = float("-inf")
     best_step: int = -1
@@ -70,7 +77,11 @@ class EngineState:
     def from_json(cls, text: str) -> EngineState:
         d = json.loads(text)
         d["best_score"] = float("-inf") if d.get("best_score") is None else d["best_score"]
-        return cls(**d)
+        if "phase" not in d:  # a checkpoint of the single-phase engine: epoch was the one in progress
+            d["epoch"] += int(d.pop("epoch_done", False))
+            d["phase_epoch"] = d["epoch"]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -93,10 +104,11 @@ def save_rank0(directory: str | Path, state: EngineState, model: torch.nn.Module
     _atomic_write(d / ENGINE_FILE, state.to_json().encode())
 
 
-def save_cursor(directory: str | Path, rank: int, cursor: dict) -> None:
+def save_cursor(directory: str | Path, rank: int, cursors: dict[str, dict]) -> None:
+    """One rank's reader cursor of every stream."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / cursor_file(rank), json.dumps(cursor).encode())
+    _atomic_write(d / cursor_file(rank), json.dumps({"streams": cursors}).encode())
 
 
 def load_state(directory: str | Path) -> EngineState:
@@ -115,14 +127,17 @@ def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> N
     optimizer.load_state_dict(torch.load(Path(directory) / OPTIM_FILE, weights_only=True))
 
 
-def load_cursors(directory: str | Path, world_size: int) -> list[dict]:
-    """Every old rank's reader cursor, in rank order."""
-    out = []
+def load_cursors(directory: str | Path, world_size: int) -> dict[str, list[dict]]:
+    """Every old rank's reader cursor of every stream: stream -> cursors in rank order."""
+    out: dict[str, list[dict]] = {}
     for r in range(world_size):
         path = Path(directory) / cursor_file(r)
         if not path.exists():
             raise FileNotFoundError(f"{directory}: missing {cursor_file(r)} (checkpoint of {world_size} workers)")
-        out.append(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        streams = saved["streams"] if "streams" in saved else {"train": saved}  # single-stream checkpoints
+        for name, cursor in streams.items():
+            out.setdefault(name, []).append(cursor)
     return out
 
 

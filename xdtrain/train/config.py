@@ -51,7 +51,10 @@ class PSConfig:
     backend: Literal["ray", "local"] = "ray"  # local: in-process tables (1 worker only)
     shards: int = 2
     prefetch: bool = True  # pull the next batch's rows while this batch computes
-    staleness: int = 0  # pushes a prefetched row may miss (0 = exact)
+    staleness: int = 0  # this client's pushes a prefetched row may miss (0 = none)
+    # Synchronous pushes: each iteration's pushes land before any worker's next pull (no prefetch).
+    # Without it a worker may pull a row before another worker's push of the previous step lands.
+    sync: bool = False
     max_restarts: int = 3
 
 

@@ -94,13 +94,18 @@ def scaling(cfg: EngineConfig) -> ScalingConfig:
                          elastic_resize_monitor_interval_s=s.resize_check_s)
 
 
+def stream_datasets(data: PreparedData) -> dict[str, tuple[str, str]]:
+    """Dataset name -> (URL, reader table kind) of every prepared dataset a stream may read."""
+    return {"train": (data.train_url, "sequences")}
+
+
 def fit(cfg: EngineConfig, data: PreparedData, ps, ps_init: str, board, init_dense: str = "",
         faults: dict | None = None):
     """Run the Ray Train part; returns Ray's Result."""
     run_dir = Path(cfg.run_dir).resolve()
     config = {
         "cfg": cfg, "board": board, "storage": str(run_dir / RUN_NAME),
-        "model_data": data.model_data, "train_url": data.train_url,
+        "model_data": data.model_data, "datasets": stream_datasets(data),
         "valid": ray.put(data.valid) if cfg.train.eval_every else None,
         "ps": ps if cfg.ps.backend == "ray" else None, "ps_init": ps_init, "init_dense": init_dense,
         "resume_from": cfg.resume_from, "faults": faults or {},
@@ -197,7 +202,7 @@ def finish(cfg: EngineConfig, data: PreparedData, model, ps, run_dir: Path) -> d
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(best_dir),
-        "steps": state.step, "epochs": state.epoch + (1 if state.epoch_done else 0),
+        "steps": state.step, "epochs": state.epoch,
         "samples": state.samples, "stop_reason": state.stop_reason,
         "best_step": state.best_step, "valid": state.best_metrics, "validations": state.validations,
         **summarize_tests(tests), "test_seconds": round(time.time() - t0, 1), "embeddings": exports,

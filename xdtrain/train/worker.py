@@ -1,19 +1,22 @@
 """`train_loop_per_worker`: the one training loop every method runs under Ray Train's TorchTrainer.
 
-Per step, on every worker (all workers step together):
-  1. the next batch of this worker's data shard (streamed, shuffled, exact cursor) -> model.make_batch;
-  2. pull the rows its sparse ids need from the PS (already in flight when prefetch is on: the batch
-     after this one is read and its pull started before this one computes);
-  3. forward + backward through DDP (dense gradients all-reduced, averaged);
-  4. push the row gradients (scaled 1/world, so the PS sees the global-batch mean) and step Adam.
-A worker whose shard is exhausted takes zero-weight steps until every worker is done, so the
+The loop runs the model's training program (xdtrain/nn/program.py): phases -> rounds -> steps ->
+iterations. One iteration, on every worker (all workers step together):
+  1. the next batch of each of the step's streams (this worker's shard, shuffled, exact cursors)
+     -> model.make_batch; the next iteration's batches are read ahead and their rows prefetched;
+  2. pull the rows their sparse ids need from the PS;
+  3. forward (a loss, or named losses) and backward;
+  4. average the stepped optimizer's gradients over the workers (xdtrain/train/optimizers.py says
+     why this replaces DDP), clip, step it, and push its tables' row gradients (scaled 1/world, so
+     the PS sees the global-batch mean).
+A worker whose main stream is dry takes zero-weight iterations until every worker is, so the
 collectives stay in lockstep (shards are balanced by rows, so this is at most a step or two).
 
-Checkpoints (epoch ends, every `checkpoint_every` steps, and the end) are consistent at one step:
-pushes are flushed, all workers meet at a barrier, the PS shards write their state, then each
-worker reports its cursor (rank 0 also the dense state) through `ray.train.report`, itself a
-barrier. Any restart, after a failure, an elastic resize or a new `fit`, starts from the latest
-checkpoint: dense state, optimizer, PS rows and cursors all from the same step.
+Checkpoints (phase epochs, every `checkpoint_every` iterations, and the end) are consistent at one
+iteration: pushes are flushed, all workers meet at a barrier, the PS shards write their state,
+then each worker reports its cursors (rank 0 also the dense state, the optimizers and the program
+position) through `ray.train.report`, itself a barrier. Any restart, after a failure, an elastic
+resize or a new `fit`, continues from the latest checkpoint, mid-phase if need be.
 """
 
 from __future__ import annotations
@@ -26,20 +29,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
-from xdtrain.data.reader import ParquetStreamReader
 from xdtrain.models import build_model
+from xdtrain.nn.program import Phase, Step, resolve_program
 from xdtrain.nn.sparse import prefetch_rows, pull_rows, push_grads
 from xdtrain.train import checkpointing as ck
+from xdtrain.train import plan
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.evaluation import RankingEval
+from xdtrain.train.optimizers import OptimizerSet, broadcast_dense
+from xdtrain.train.streams import Dataset, Stream, accepts, seed_of
 
 # Checkpoints without a validation rank below every validated one, newer above older (finite and
 # distinct: Ray saves scores as JSON, and equal scores confused its retention of old checkpoints).
@@ -48,15 +52,12 @@ NO_SCORE = -1e9
 
 @dataclass
 class Pending:
-    """A batch read ahead of time, with the reader cursor from before it was read."""
+    """One iteration's batches, read ahead, with each stream's cursor from before it was read."""
 
-    batch: dict
+    position: tuple[int, int]
+    batches: dict[str, dict] | None  # None: this worker's main stream is dry
     rows: int
-    cursor: dict
-
-
-def _seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+    cursors: dict[str, dict]
 
 
 def _agree_any(flags: list[bool], world: int) -> list[bool]:
@@ -81,6 +82,25 @@ def _make_ps(cfg: EngineConfig, handed):
     return LocalPS(cfg.ps.shards, staleness=cfg.ps.staleness)
 
 
+def _to_device(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def pick_loss(out, step: Step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the loss to back-propagate, the named losses) of a forward's output."""
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    if step.loss:
+        if step.loss not in out:
+            raise KeyError(f"step {step.label!r} back-propagates {step.loss!r}, but forward returned {sorted(out)}")
+        return out[step.loss], out
+    return (out["loss"] if "loss" in out else sum(out.values())), out
+
+
 class Worker:
     """The state of one worker's training loop (see the module docstring)."""
 
@@ -98,28 +118,35 @@ class Worker:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, config["model_data"], t.seed)
+        self.device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
+        self.model.to(self.device)
         self.ps = _make_ps(cfg, config["ps"])
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                          weight_decay=t.weight_decay)
-        self.local_batch = max(1, t.batch_size // self.world)
-        self.train_url = config["train_url"]
-        self.reader = ParquetStreamReader(self.train_url, "sequences", batch_size=self.local_batch,
-                                          shuffle_buffer=t.shuffle_buffer, seed=t.seed,
-                                          world_size=self.world, rank=self.rank)
+        self.prog = resolve_program(self.model, batch_size=t.batch_size, epochs=t.epochs, patience=t.patience,
+                                    lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+        self.optimizers = OptimizerSet(self.model, self.prog.optimizers)
+        datasets = {k: Dataset(*v) for k, v in config["datasets"].items()}
+        self.streams = {name: Stream(name, spec, self._dataset(datasets, name, spec.dataset), self.model,
+                                     world=self.world, rank=self.rank, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
+                        for name, spec in self.prog.streams.items()}
+        self.forward_takes_step = accepts(self.model.forward, "step")
         self.state = ck.EngineState(world_size=self.world)
         self._restore(config)
         self.state.world_size = self.world
         if self.state.stop_reason in ("max_steps", "time budget"):  # a budget stop: the new budget applies
             self.state.finished, self.state.stop_reason = False, ""
-        self.ddp = ray.train.torch.prepare_model(
-            self.model, parallel_strategy_kwargs={
-                "find_unused_parameters": bool(getattr(self.model, "ddp_find_unused_parameters", False))})
+        broadcast_dense(self.model, self.world)
         self.valid = RankingEval(ray.get(config["valid"]), cfg.eval) if self.rank == 0 and config["valid"] else None
         self.faults = dict(config.get("faults") or {})
-        self.spare: dict | None = None
+        self.pending: Pending | None = None
         self.t_start = time.time()
-        self._window = [0.0, 0.0, 0.0, 0.0]  # loss x samples, samples, PS rows, steps
-        self._window_t = time.perf_counter()
+        self._reset_window()
+
+    @staticmethod
+    def _dataset(datasets: dict[str, Dataset], stream: str, name: str) -> Dataset:
+        if name not in datasets:
+            raise KeyError(f"stream {stream!r} reads dataset {name!r}, but the data recipe prepared "
+                           f"{sorted(datasets)}")
+        return datasets[name]
 
     # ---- restore ---------------------------------------------------------------------------------
     def _restore(self, config: dict) -> None:
@@ -130,16 +157,15 @@ class Worker:
             with ckpt.as_directory() as d:
                 self.state = ck.load_state(d)
                 ck.load_dense(d, self.model)
-                ck.load_optimizer(d, self.optimizer)
+                ck.load_optimizer(d, self.optimizers)
                 cursors = ck.load_cursors(d, self.state.world_size)
                 # A local checkpoint is read in place; a downloaded copy is not visible to remote
                 # shards, which then read the PS state where it was written.
                 in_place = os.path.abspath(d) == os.path.abspath(ckpt.path)
                 ps_src = ck.ps_url(d) if in_place or not self.state.ps_url else self.state.ps_url
-                if self.state.world_size == self.world:
-                    self.reader.load_state_dict(cursors[self.rank])
-                else:  # elastic: the remaining rows of the epoch, split over the new workers
-                    self.reader.load_global_state(cursors)
+                for name, stream in self.streams.items():
+                    if name in cursors:  # a stream the checkpoint knew (else it starts at its beginning)
+                        stream.restore(cursors[name])
                 if self.rank == 0:
                     self.ps.restore(ps_src)
         else:
@@ -148,82 +174,141 @@ class Worker:
             ps_src = config["ps_init"]
             if self.rank == 0:
                 self.ps.restore(ps_src)
+        if self.rank == 0:
+            self._apply_ps_lr_scales()
         _barrier(self.world)
         self._committed(ps_src)
 
+    def _apply_ps_lr_scales(self) -> None:
+        """The current phase's learning-rate scale of every table (only programs that use scales)."""
+        if not any(ph.ps_lr_scale for ph in self.prog.phases):
+            return
+        scales = self.prog.phases[self.state.phase].ps_lr_scale
+        for table in self.ps.tables():
+            self.ps.set_lr_scale(table, float(scales.get(table, 1.0)))
+
     # ---- data ------------------------------------------------------------------------------------
-    def _read(self, it) -> Pending | None:
-        cursor = self.reader.state_dict()
-        try:
-            rb = next(it)
-        except StopIteration:
-            return None
-        rows = pa.Table.from_batches([rb])
-        rng = np.random.default_rng(_seed_of(self.cfg.train.seed, self.rank, cursor["epoch"],
-                                             cursor["rows_emitted"]))
-        return Pending(self.model.make_batch(rows, rng), rows.num_rows, cursor)
+    def _read(self, position: tuple[int, int]) -> Pending:
+        """The batches of the iteration at `position`; the main stream first, so that a dry main
+        stream leaves the others untouched."""
+        step = self.prog.phases[position[0]].steps[position[1]]
+        main = self.prog.main_stream(step)
+        order = ([main] if main else []) + [s for s in step.streams if s != main]
+        batches, cursors, rows = {}, {}, 0
+        for name in order:
+            cursors[name] = self.streams[name].cursor()
+            got = self.streams[name].read()
+            if got is None:
+                return Pending(position, None, 0, cursors)
+            batches[name], n = got
+            rows += n if name == main or main is None else 0
+        return Pending(position, batches, rows, cursors)
 
-    def _spare_batch(self) -> dict:
-        """A real batch for zero-weight steps (the first one this worker can read)."""
-        if self.spare is None:
-            r = ParquetStreamReader(self.train_url, "sequences", batch_size=self.local_batch,
-                                    world_size=self.world, rank=self.rank)
-            rows = pa.Table.from_batches([next(iter(r))])
-            self.spare = self.model.make_batch(rows, np.random.default_rng(0))
-        return self.spare
+    def _take(self) -> Pending:
+        """This iteration's batches: the read-ahead ones when they were read for this position."""
+        position = (self.state.phase, self.state.step_index)
+        pending, self.pending = self.pending, None
+        if pending is not None and pending.position == position:
+            return pending
+        return self._read(position)
 
-    # ---- one step --------------------------------------------------------------------------------
-    def _step(self, cur: Pending | None) -> float:
+    def _read_ahead(self) -> None:
+        nxt = plan.next_position(self.prog, self.state)
+        if nxt is None:
+            return
+        self.pending = self._read(nxt)
+        if self.pending.batches is not None and self.cfg.ps.prefetch and not self.cfg.ps.sync:
+            step = self.prog.phases[nxt[0]].steps[nxt[1]]
+            prefetch_rows(self.ps, self.model.sparse_ids(self._model_batch(step, self.pending.batches)))
+
+    def _cursors(self) -> dict[str, dict]:
+        """Each stream's cursor, excluding what was read ahead."""
+        ahead = self.pending.cursors if self.pending is not None else {}
+        return {name: ahead.get(name) or s.cursor() for name, s in self.streams.items()}
+
+    @staticmethod
+    def _model_batch(step: Step, batches: dict[str, dict]) -> dict:
+        """One stream: its batch as is; several: a dict of batches by stream name."""
+        return batches[step.streams[0]] if len(step.streams) == 1 else {s: batches[s] for s in step.streams}
+
+    # ---- one iteration ---------------------------------------------------------------------------
+    def _iterate(self, phase: Phase, step: Step, cur: Pending) -> None:
         t = self.cfg.train
-        torch.manual_seed(_seed_of(t.seed, self.rank, self.state.step, 7))  # dropout: resumable
-        batch = cur.batch if cur is not None else self._spare_batch()
-        if cur is not None and self.spare is None:
-            self.spare = cur.batch
-        emb = pull_rows(self.ps, self.model.sparse_ids(batch))
-        loss = self.ddp(batch, emb)
-        if cur is None:
+        torch.manual_seed(seed_of(t.seed, self.rank, self.state.step, 7))  # dropout: resumable
+        real = cur.batches is not None
+        batches = cur.batches if real else {s: self.streams[s].spare() for s in step.streams}
+        batch = _to_device(self._model_batch(step, batches), self.device)
+        emb = pull_rows(self.ps, self.model.sparse_ids(batch), device=self.device)
+        out = self.model(batch, emb, step=step.label) if self.forward_takes_step else self.model(batch, emb)
+        loss, named = pick_loss(out, step)
+        if not real:
             loss = loss * 0.0
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizers.zero_grad()
         loss.backward()
+        opt = self.optimizers[step.optimizer]
         rows = 0
-        if cur is not None:
-            rows = push_grads(self.ps, emb, scale=1.0 / self.world)
+        if real:
+            tables = [k for k in emb if (opt.spec.tables is None or k in opt.spec.tables)
+                      and k not in phase.frozen_tables]
+            rows = push_grads(self.ps, {k: emb[k] for k in tables}, scale=1.0 / self.world)
             rows += sum(r.ids.numel() for r in emb.values())  # pulled too
-        self.optimizer.step()
+        if self.cfg.ps.sync:  # every pull of the next iteration sees every push of this one
+            self.ps.flush()
+        opt.step(self.world)
         self.state.step += 1
-        n = cur.rows if cur is not None else 0
-        self._window[0] += float(loss.detach()) * n
-        self._window[1] += n
-        self._window[2] += rows
-        self._window[3] += 1
-        return float(loss.detach())
+        self._account(float(loss.detach()), {k: float(v.detach()) for k, v in named.items()}, cur.rows, rows)
+
+    def _reset_window(self) -> None:
+        self._window = {"loss": 0.0, "samples": 0.0, "rows": 0.0, "steps": 0.0}
+        self._named: dict[str, list[float]] = {}  # name -> [sum of value x samples, samples]
+        self._window_t = time.perf_counter()
+
+    def _account(self, loss: float, named: dict[str, float], samples: int, rows: int) -> None:
+        w = self._window
+        w["loss"] += loss * samples
+        w["samples"] += samples
+        w["rows"] += rows
+        w["steps"] += 1
+        for k, v in named.items():
+            acc = self._named.setdefault(k, [0.0, 0.0])
+            acc[0] += v * samples
+            acc[1] += samples
 
     def _log(self) -> None:
-        """Every `log_every` steps: global loss / throughput -> the driver's progress bar and curves."""
-        w = torch.tensor(self._window, dtype=torch.float64)
+        """Every `log_every` iterations: global losses / throughput -> the progress bar and curves."""
+        names = sorted(self._named)
+        w = self._window
+        vec = [w["loss"], w["samples"], w["rows"], w["steps"]] + [x for k in names for x in self._named[k]]
+        v = torch.tensor(vec, dtype=torch.float64)
         if self.world > 1:
-            dist.all_reduce(w)
-        now = time.perf_counter()
-        secs = max(now - self._window_t, 1e-9)
-        if self.rank == 0 and w[1] > 0:
-            self.board.add.remote({
+            dist.all_reduce(v)
+        secs = max(time.perf_counter() - self._window_t, 1e-9)
+        if self.rank == 0 and v[1] > 0:
+            record = {
                 "kind": "train", "step": self.state.step, "epoch": self.state.epoch,
-                "loss": float(w[0] / w[1]), "samples_per_s": float(w[1] / secs),
-                "ps_rows_per_s": float(w[2] / secs), "time_s": round(time.time() - self.t_start, 3),
+                "loss": float(v[0] / v[1]), "samples_per_s": float(v[1] / secs),
+                "ps_rows_per_s": float(v[2] / secs), "time_s": round(time.time() - self.t_start, 3),
                 "workers": self.world, "attempt": self.attempt,
-            })
-        self.state.samples += int(w[1])
-        self._window = [0.0, 0.0, 0.0, 0.0]
-        self._window_t = now
+            }
+            if len(self.prog.phases) > 1:
+                record["phase"] = self.prog.phases[self.state.phase].name
+            losses = {k: float(v[4 + 2 * i] / v[5 + 2 * i]) for i, k in enumerate(names) if v[5 + 2 * i] > 0}
+            if losses:
+                record["losses"] = losses
+            self.board.add.remote(record)
+        self.state.samples += int(v[1])
+        self._reset_window()
 
     # ---- validation and checkpoints ----------------------------------------------------------------
-    def _validate(self) -> dict:
-        """Rank 0 scores the validation split; every worker learns whether to stop early."""
+    def _validate(self, phase: Phase) -> tuple[dict, bool]:
+        """Rank 0 scores the validation split; every worker learns whether the phase plateaued."""
         self.ps.flush()
         _barrier(self.world)
         metrics, stop = {}, False
         if self.rank == 0 and self.valid is not None:
-            metrics = self.valid.model_metrics(self.model, self.ps.pull)
+            model = self.model.to("cpu") if self.device.type != "cpu" else self.model
+            metrics = self.valid.model_metrics(model, self.ps.pull)
+            self.model.to(self.device)
             score = metrics[self.valid.monitor]
             s = self.state
             if score > s.best_score:
@@ -232,12 +317,10 @@ class Worker:
                 s.bad_validations += 1
             s.validations.append({"step": s.step, "epoch": s.epoch, **metrics})
             self.board.add.remote({"kind": "valid", "step": s.step, "epoch": s.epoch, **metrics})
-            stop = self.cfg.train.patience > 0 and s.bad_validations >= self.cfg.train.patience
-        if _agree_any([stop], self.world)[0]:
-            self.state.finished, self.state.stop_reason = True, "early stopping"
-        return metrics
+            stop = phase.patience > 0 and s.bad_validations >= phase.patience
+        return metrics, _agree_any([stop], self.world)[0]
 
-    def _checkpoint(self, cursor: dict, metrics: dict | None = None) -> None:
+    def _checkpoint(self, metrics: dict | None = None) -> None:
         self.ps.flush()
         _barrier(self.world)
         name = ck.checkpoint_name(self.state.step, self.attempt_of_group())
@@ -249,9 +332,9 @@ class Worker:
             self.ps.checkpoint(self.state.ps_url)
         tmp = tempfile.mkdtemp(prefix="xdtrain-ckpt-")
         try:
-            ck.save_cursor(tmp, self.rank, cursor)
+            ck.save_cursor(tmp, self.rank, self._cursors())
             if self.rank == 0:
-                ck.save_rank0(tmp, self.state, self.model, self.optimizer)
+                ck.save_rank0(tmp, self.state, self.model, self.optimizers)
             score = (metrics or {}).get(self.valid.monitor) if self.valid is not None else None
             report = {"step": self.state.step, "epoch": self.state.epoch,
                       "score": float(score) if score is not None else NO_SCORE + self.state.step, **(metrics or {})}
@@ -292,63 +375,91 @@ class Worker:
         return self._group_attempt
 
     # ---- the loop --------------------------------------------------------------------------------
+    def _finish(self, reason: str) -> None:
+        self.state.finished, self.state.stop_reason = True, reason
+
+    def _stop(self, reason: str) -> None:
+        """A budget stop mid-phase (max_steps, time): validate and checkpoint where it stands."""
+        if self._window["steps"]:
+            self._log()
+        metrics = self._validate(plan.current(self.prog, self.state)[0])[0] if self.cfg.train.eval_every else {}
+        self._finish(reason)
+        self._checkpoint(metrics)
+
+    def _end_phase(self, reason: str) -> None:
+        self.pending = None
+        if plan.enter_next_phase(self.prog, self.state):
+            if self.rank == 0:
+                self._apply_ps_lr_scales()
+        else:
+            self._finish(reason)
+
+    def _phase_epoch(self, phase: Phase, event: plan.Event) -> None:
+        """A phase epoch (or the phase's last iteration): validate, maybe end the phase, checkpoint."""
+        t, s = self.cfg.train, self.state
+        if self._window["steps"]:
+            self._log()
+        reason = "iterations"
+        if event == plan.Event.PHASE_EPOCH:
+            s.epoch += 1
+            s.phase_epoch += 1
+            reason = "epochs"
+        ends = event == plan.Event.PHASE_ITERATIONS or (phase.epochs and s.phase_epoch >= phase.epochs)
+        metrics = {}
+        if t.eval_every and (ends or (event == plan.Event.PHASE_EPOCH and s.phase_epoch % t.eval_every == 0)):
+            metrics, plateau = self._validate(phase)
+            if plateau and not ends:
+                ends, reason = True, "early stopping"
+        if ends:
+            self._end_phase(reason)
+        self._checkpoint(metrics)
+
     def run(self) -> None:
         t, s = self.cfg.train, self.state
         deadline = self.t_start + t.max_minutes * 60 if t.max_minutes > 0 else math.inf
         self.attempt_of_group()
         if t.eval_at_start and t.eval_every and s.step == 0 and not s.validations:
             # The starting model competes too (fine-tuning: the authors validate at epoch 0 before training).
-            self._checkpoint(self.reader.state_dict(), self._validate())
+            self._checkpoint(self._validate(self.prog.phases[s.phase])[0])
+        self._window_t = time.perf_counter()
         while not s.finished:
             if t.max_steps and s.step >= t.max_steps:
-                s.finished, s.stop_reason = True, "max_steps"
+                self._stop("max_steps")
                 break
-            if s.epoch_done:
-                s.epoch, s.epoch_done = s.epoch + 1, False
-            if s.epoch >= t.epochs:
-                s.finished, s.stop_reason = True, "epochs"
+            phase, step = plan.current(self.prog, s)
+            cur = self._take()
+            have, late = _agree_any([cur.batches is not None, time.time() > deadline], self.world)
+            if late:
+                self.pending = cur  # not consumed: the checkpoint's cursors exclude it
+                self._stop("time budget")
                 break
-            self.reader.set_epoch(s.epoch)
-            self._window_t = time.perf_counter()  # throughput windows exclude validation and checkpoints
-            it = iter(self.reader)
-            nxt = self._read(it)
-            cursor = nxt.cursor if nxt is not None else self.reader.state_dict()
-            stop = ""
-            while True:
-                cur = nxt
-                have, late = _agree_any([cur is not None, time.time() > deadline], self.world)
-                if not have:
-                    break
-                if late:
-                    stop = "time budget"
-                    break
-                cursor = cur.cursor if cur is not None else self.reader.state_dict()
-                nxt = self._read(it) if cur is not None else None
-                if nxt is not None and self.cfg.ps.prefetch:
-                    prefetch_rows(self.ps, self.model.sparse_ids(nxt.batch))
-                self._step(cur)
-                cursor = nxt.cursor if nxt is not None else self.reader.state_dict()
-                if s.step % t.log_every == 0:
-                    self._log()
-                self._inject_faults()
-                if t.max_steps and s.step >= t.max_steps:
-                    stop = "max_steps"
-                    break
-                if t.checkpoint_every and s.step % t.checkpoint_every == 0:
-                    self._checkpoint(cursor)
-            if self._window[3]:
+            if not have:  # every worker's main stream is dry: that stream's epoch ends
+                self.streams[self.prog.main_stream(step)].new_epoch()
+                event = plan.after_stream_epoch(self.prog, s)
+                if event != plan.Event.NONE:
+                    self._phase_epoch(phase, event)
+                self._window_t = time.perf_counter()  # throughput windows exclude validation and checkpoints
+                continue
+            self._read_ahead_after(cur)
+            self._iterate(phase, step, cur)
+            event = plan.after_iteration(self.prog, s)
+            if s.step % t.log_every == 0:
                 self._log()
-            if stop:
-                s.finished, s.stop_reason = True, stop
-            else:
-                s.epoch_done = True
-                if s.epoch + 1 >= t.epochs:
-                    s.finished, s.stop_reason = True, "epochs"
-            metrics = {}
-            last = s.finished
-            if t.eval_every and ((s.epoch + 1) % t.eval_every == 0 or last):
-                metrics = self._validate()
-            self._checkpoint(cursor if stop else self.reader.state_dict(), metrics)
+            self._inject_faults()
+            if event != plan.Event.NONE:
+                self._phase_epoch(phase, event)
+                self._window_t = time.perf_counter()
+            elif t.checkpoint_every and s.step % t.checkpoint_every == 0:
+                self._checkpoint()
+        if self._window["steps"]:
+            self._log()
+
+    def _read_ahead_after(self, cur: Pending) -> None:
+        """Read the next iteration's batches now (its rows' pull overlaps this iteration's compute)."""
+        self.pending = None
+        if cur.batches is not None:
+            # Position after this iteration, assuming no stream runs dry first.
+            self._read_ahead()
 
 
 def train_loop_per_worker(config: dict) -> None:
