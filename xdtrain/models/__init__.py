@@ -20,6 +20,7 @@ from xdtrain.config import ConfigError, from_dict
 MODELS: dict[str, tuple[str, str, str]] = {
     "seqrec": ("xdtrain.models.seqrec", "SeqRecConfig", "SeqRec"),
     "prerec": ("xdtrain.models.prerec", "PreRecConfig", "PreRec"),
+    "adversarial_toy": ("xdtrain.models.adversarial_toy", "AdversarialToyConfig", "AdversarialToy"),
 }
 
 

@@ -77,6 +77,7 @@ class LoopConfig:
     max_failures: int = 3  # worker-group restarts Ray Train may make
     log_every: int = 10  # steps between progress records
     keep_checkpoints: int = 2
+    trace_rows: bool = False  # record the user ids each rank reads per iteration (run_dir/trace; tests, audits)
     progress: bool = True
 
 

@@ -79,8 +79,8 @@ class Stream:
             return None
         return pa.Table.from_batches([rb])
 
-    def read(self) -> tuple[dict, int] | None:
-        """(the model's batch, rows) for the next batch, or None when a non-cycling stream ran dry."""
+    def read(self) -> tuple[dict, pa.Table] | None:
+        """(the model's batch, the rows it was built from), or None when a non-cycling stream ran dry."""
         cursor = self.cursor()
         rows = self._next_rows()
         if rows is None and self.spec.cycle:
@@ -96,7 +96,7 @@ class Stream:
         batch = self.make_batch(rows, rng)
         if self._spare is None:
             self._spare = batch
-        return batch, rows.num_rows
+        return batch, rows
 
     def make_batch(self, rows: pa.Table, rng: np.random.Generator) -> dict:
         if self._stream_kw:

@@ -21,6 +21,7 @@ resize or a new `fit`, continues from the latest checkpoint, mid-phase if need b
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -58,6 +59,7 @@ class Pending:
     batches: dict[str, dict] | None  # None: this worker's main stream is dry
     rows: int
     cursors: dict[str, dict]
+    keys: dict[str, list] | None = None  # stream -> the user ids read (train.trace_rows)
 
 
 def _agree_any(flags: list[bool], world: int) -> list[bool]:
@@ -194,15 +196,17 @@ class Worker:
         step = self.prog.phases[position[0]].steps[position[1]]
         main = self.prog.main_stream(step)
         order = ([main] if main else []) + [s for s in step.streams if s != main]
-        batches, cursors, rows = {}, {}, 0
+        batches, cursors, rows, keys = {}, {}, 0, {}
         for name in order:
             cursors[name] = self.streams[name].cursor()
             got = self.streams[name].read()
             if got is None:
                 return Pending(position, None, 0, cursors)
-            batches[name], n = got
-            rows += n if name == main or main is None else 0
-        return Pending(position, batches, rows, cursors)
+            batches[name], table = got
+            rows += table.num_rows if name == main or main is None else 0
+            if self.cfg.train.trace_rows:
+                keys[name] = table["user_id"].to_pylist() if "user_id" in table.column_names else []
+        return Pending(position, batches, rows, cursors, keys or None)
 
     def _take(self) -> Pending:
         """This iteration's batches: the read-ahead ones when they were read for this position."""
@@ -252,11 +256,21 @@ class Worker:
                       and k not in phase.frozen_tables]
             rows = push_grads(self.ps, {k: emb[k] for k in tables}, scale=1.0 / self.world)
             rows += sum(r.ids.numel() for r in emb.values())  # pulled too
+        if cur.keys:
+            self._trace(cur.keys)
         if self.cfg.ps.sync:  # every pull of the next iteration sees every push of this one
             self.ps.flush()
         opt.step(self.world)
         self.state.step += 1
         self._account(float(loss.detach()), {k: float(v.detach()) for k, v in named.items()}, cur.rows, rows)
+
+    def _trace(self, keys: dict[str, list]) -> None:
+        """train.trace_rows: which users each rank read at each iteration (a restarted attempt's
+        lines come later in the file, so the last line of a (step, rank) is the one that counted)."""
+        path = os.path.join(os.path.dirname(self.storage), "trace", f"rank{self.rank}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.state.step, "rank": self.rank, "streams": keys}) + "\n")
 
     def _reset_window(self) -> None:
         self._window = {"loss": 0.0, "samples": 0.0, "rows": 0.0, "steps": 0.0}
