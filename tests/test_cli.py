@@ -1,12 +1,15 @@
-"""The CLI and `python -m jobs.*` share one runner: same configs, same errors, metrics JSON written."""
+"""The CLI and `python -m jobs.*` share one runner: same configs, same errors, metrics JSON written,
+and a compact results table on the console."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from xdtrain.cli import main
+from xdtrain.jobrunner import job_main, results_table
 
 
 def test_help_lists_jobs(capsys):
@@ -36,3 +39,42 @@ def test_gen_data_job_writes_world_and_metrics(tmp_path):
     assert any(out.joinpath("interactions").glob("*.parquet"))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["job"] == "gen-data" and metrics["counts"]["n_interactions"] > 0
+    assert f"n_interactions {metrics['counts']['n_interactions']}" in proc.stdout  # the results table
+    assert '"config"' not in proc.stdout and f"metrics  {out / 'metrics.json'}" in proc.stdout
+
+
+SUMMARY = {
+    "run_dir": "/runs/r1", "steps": 384, "stop_reason": "epochs", "fit_seconds": 53.84, "best_step": 384,
+    "test": {"seqrec": {"full": {"count": 3000, "hr@10": 0.904, "ndcg@10": 0.72649, "rank": 6.33}},
+             "pop": {"full": {"count": 3000, "hr@10": 0.412, "ndcg@10": 0.2097, "rank": 26.525}}},
+    "valid": {"full/ndcg@10": 0.6987},
+    "validations": [{"step": 48, "full/ndcg@10": 0.5}],  # lists stay in metrics.json
+    "ps_stats": {"wall_s": 58.2, "pull": {"calls": 7}},  # so do dicts of mixed shape
+    "config": {"train": {"lr": 0.001}},
+}
+
+
+def test_results_table_is_compact_and_aligned():
+    table = results_table(SUMMARY).splitlines()
+    assert table[0] == "  steps 384  stop_reason epochs  fit_seconds 53.84  best_step 384"
+    assert table[1:4] == [
+        "  test         count   hr@10  ndcg@10   rank",
+        "  seqrec full   3000  0.9040   0.7265   6.33",
+        "  pop full      3000  0.4120   0.2097  26.52",
+    ]
+    assert table[4:] == ["  valid:  full/ndcg@10 0.6987", "  run_dir  /runs/r1"]
+
+
+def test_job_prints_the_table_and_writes_the_whole_summary(tmp_path, capsys):
+    summary = {**{k: v for k, v in SUMMARY.items() if k != "config"}, "run_dir": str(tmp_path)}
+    assert job_main("toy", ToyConfig, lambda cfg: dict(summary), []) == 0
+    out = capsys.readouterr().out
+    assert "xdtrain toy: done in" in out and "seqrec full   3000" in out and "validations" not in out
+    assert f"metrics  {tmp_path / 'metrics.json'}" in out
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["validations"] == SUMMARY["validations"] and written["config"] == {"n": 1}
+
+
+@dataclass
+class ToyConfig:
+    n: int = 1

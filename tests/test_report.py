@@ -17,6 +17,7 @@ from xdtrain.report import (
     ReportError,
     load_curves,
     main,
+    phase_spans,
     plot_loss,
     plot_throughput,
     plot_valid,
@@ -114,7 +115,9 @@ def test_plots_show_the_deduplicated_curves(tmp_path):
     records = load_curves(make_run(tmp_path) / "curves.jsonl")
     tr = [r for r in records if r["kind"] == "train"]
     va = [r for r in records if r["kind"] == "valid"]
-    loss_ax = plot_loss(tr, tmp_path / "l.png").axes[0]
+    fig = plot_loss(tr, tmp_path / "l.png")
+    assert len(fig.axes) == 1 and not fig.axes[0].patches  # no named losses, no phases: as before
+    loss_ax = fig.axes[0]
     x, y = loss_ax.lines[0].get_data()
     assert list(x) == list(range(1, 9)) and list(y) == [1.0, 0.5, 1 / 3, 0.25, 0.55, 0.45, 1 / 7, 0.125]
     assert [line.get_xdata()[0] for line in loss_ax.lines[1:]] == [5]  # one restart marker, at step 5
@@ -124,6 +127,48 @@ def test_plots_show_the_deduplicated_curves(tmp_path):
     top, bottom = plot_throughput(tr, tmp_path / "t.png").axes[:2]
     assert list(top.lines[0].get_ydata()) == [200.0] * 4 + [100.0] * 4
     assert list(bottom.lines[0].get_ydata()) == [2000.0] * 4 + [1000.0] * 4
+
+
+def gan(step, phase, attempt=0):
+    """A train record of a model with named losses and phases (a WGAN: critic, generator, penalty)."""
+    losses = {"critic": -step / 10, "gen": 1.0 / step, "gp": 0.01 * step}
+    return {**train(step, sum(losses.values()), attempt=attempt), "losses": losses, "phase": phase}
+
+
+GAN = [gan(s, "critic") for s in (1, 2, 3)] + [gan(4, "gen"), gan(5, "critic"), gan(6, "critic", attempt=1)]
+
+
+def test_named_losses_get_a_curve_each_and_phases_are_shaded(tmp_path):
+    run = make_run(tmp_path, records=GAN + [gan(6, "gen", attempt=1)], summary={"job": "pretrain"})
+    written = render_report(str(run))
+    assert Path(written["loss"]).read_bytes().startswith(PNG_MAGIC)
+    train_records = [r for r in load_curves(run / "curves.jsonl") if r["kind"] == "train"]
+    assert train_records[-1]["losses"] == {"critic": -0.6, "gen": 1 / 6, "gp": 0.06}  # the last step 6 wins
+    fig = plot_loss(train_records, tmp_path / "l.png")
+    total, named = fig.axes
+    assert list(total.lines[0].get_ydata()) == [r["loss"] for r in train_records]
+    assert [line.get_label() for line in named.lines[:3]] == ["critic", "gen", "gp"]
+    assert list(named.lines[1].get_ydata()) == [1 / s for s in range(1, 7)]
+    assert [line.get_xdata()[0] for line in named.lines[3:]] == [6]  # the restart, on both panels
+    # critic for steps 0-3, gen 3-4, critic 4-5, gen 5-6: a span starts where the record before ended
+    assert phase_spans(train_records) == [("critic", 0, 3), ("gen", 3, 4), ("critic", 4, 5), ("gen", 5, 6)]
+    assert len(total.patches) == len(named.patches) == 4
+    assert [t.get_text() for t in total.get_legend().get_texts()] == ["phase critic", "phase gen"]
+    assert "shaded: phases" in total.get_title()
+
+    rows = list(csv.DictReader(open(run / "curves.csv")))
+    assert [c for c in rows[0] if c.startswith("losses.")] == ["losses.critic", "losses.gen", "losses.gp"]
+    assert float(rows[3]["losses.gen"]) == 0.25 and rows[3]["phase"] == "gen"
+    page = (run / "report.html").read_text()
+    assert "<td>named losses</td><td>critic, gen, gp</td>" in page and "<td>phases</td><td>critic, gen</td>" in page
+
+
+def test_losses_without_phases_and_records_without_losses_mix(tmp_path):
+    records = [train(1, 0.9), {k: v for k, v in gan(2, "x").items() if k != "phase"}]
+    fig = plot_loss(load_curves(make_run(tmp_path, records=records) / "curves.jsonl"), tmp_path / "l.png")
+    assert [line.get_label() for line in fig.axes[1].lines] == ["critic", "gen", "gp"]
+    assert list(fig.axes[1].lines[0].get_xdata()) == [2]  # the record without losses adds no point
+    assert not fig.axes[0].patches and fig.axes[0].get_legend() is None
 
 
 def test_train_only_run_has_no_validation_plot(tmp_path):
@@ -155,6 +200,9 @@ def test_train_only_run_has_no_validation_plot(tmp_path):
         ),
         ([json.dumps({"kind": "train", "step": 1, "epoch": 0})], r"line 1: train record without 'loss'"),
         ([json.dumps({"kind": "valid", "step": 1, "epoch": 0})], r"line 1: valid record without any metric"),
+        ([json.dumps({**gan(1, "a"), "losses": {"gp": "x"}})], r"line 1: 'losses' must map names to numbers"),
+        ([json.dumps({**gan(1, "a"), "losses": [0.5]})], r"line 1: 'losses' must map names to numbers"),
+        ([json.dumps({**gan(1, "a"), "phase": 3})], r"line 1: 'phase' must be a string, got 3"),
     ],
 )
 def test_bad_curves_name_the_file_and_line(tmp_path, lines, message):

@@ -1,7 +1,8 @@
 """The one way a job starts: `--config <yaml> [key=value ...]` -> typed config -> run -> metrics JSON.
 
 `jobs/<name>.py` and the `xdtrain` CLI both call `job_main`, so a job behaves the same under
-`ray job submit`, `python -m jobs.<name>` and `xdtrain <name>`.
+`ray job submit`, `python -m jobs.<name>` and `xdtrain <name>`. The job's summary is written to
+`<run_dir>/metrics.json`; the console gets a compact table of it (`results_table`).
 """
 
 from __future__ import annotations
@@ -58,5 +59,79 @@ def job_main(name: str, config_cls: type[C], run: Callable[[C], dict], argv: lis
     out_dir = summary.get("run_dir")
     if out_dir:
         write_json_atomic(Path(out_dir) / "metrics.json", summary)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
+        summary["metrics"] = str(Path(out_dir) / "metrics.json")
+        print(f"\nxdtrain {name}: done in {summary['wall_seconds']} s\n{results_table(summary)}")
+    else:  # nowhere to keep the summary: print all of it
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
     return 0
+
+
+# ---------------------------------------------------------------- the console's view of a summary
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fmt(v: Any, rate: bool = False) -> str:
+    """Rates (a column within [0, 1]) to 4 decimals, so they line up; other floats to 4 digits."""
+    if isinstance(v, float):
+        return f"{v:.4f}" if rate else f"{v:.4g}"
+    return str(v)
+
+
+def _metric_rows(obj: Any, label: str = "") -> list[tuple[str, dict]] | None:
+    """{a: {b: {metric: number}}} -> [("a b", {metric: number}), ...]; None when not of that shape."""
+    if isinstance(obj, dict) and obj and all(_is_number(v) for v in obj.values()):
+        return [(label, obj)]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, dict) for v in obj.values()):
+        return None
+    rows: list[tuple[str, dict]] = []
+    for key, value in obj.items():
+        sub = _metric_rows(value, f"{label} {key}".strip())
+        if sub is None:
+            return None
+        rows += sub
+    return rows
+
+
+def _wrap(pairs: list[str], indent: str = "  ", width: int = 100) -> list[str]:
+    lines, line = [], ""
+    for p in pairs:
+        if line and len(indent) + len(line) + 2 + len(p) > width:
+            lines.append(indent + line)
+            line = ""
+        line = f"{line}  {p}" if line else p
+    return lines + ([indent + line] if line else [])
+
+
+def results_table(summary: dict, skip: tuple[str, ...] = ("job", "wall_seconds", "config")) -> str:
+    """A compact view of a job summary: its scalars, one aligned table per dict of metric dicts
+    (e.g. `test`: scorer x candidate mode x metric), one line per flat dict of numbers, and the
+    paths last. Lists and other nested values are left to metrics.json."""
+    scalars, paths, blocks = [], [], []
+    for key, value in summary.items():
+        if key in skip:
+            continue
+        if isinstance(value, str) and ("/" in value or key in ("run_dir", "metrics")):
+            paths.append((key, value))
+        elif _is_number(value) or isinstance(value, (bool, str)):
+            scalars.append(f"{key} {_fmt(value)}")
+        elif (rows := _metric_rows(value)) is not None:
+            blocks.append(_metric_block(key, rows))
+    out = _wrap(scalars) + [line for block in blocks for line in block]
+    width = max((len(k) for k, _ in paths), default=0)
+    return "\n".join(out + [f"  {k:<{width}}  {v}" for k, v in paths])
+
+
+def _metric_block(key: str, rows: list[tuple[str, dict]]) -> list[str]:
+    if len(rows) == 1:  # one flat dict: a line (wrapped) of name value pairs
+        return _wrap([f"{key}:"] + [f"{m} {_fmt(v)}" for m, v in rows[0][1].items()])
+    names = list(dict.fromkeys(m for _, r in rows for m in r))
+    rate = {m: all(0 <= r.get(m, 0) <= 1 for _, r in rows) for m in names}
+    cells = [[label] + [_fmt(r[m], rate[m]) if m in r else "" for m in names] for label, r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip([key] + names, *cells)]
+    lines = []
+    for row in [[key] + names] + cells:
+        lines.append("  " + "  ".join(f"{c:<{widths[0]}}" if i == 0 else f"{c:>{widths[i]}}"
+                                      for i, c in enumerate(row)))
+    return lines

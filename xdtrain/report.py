@@ -2,10 +2,13 @@
 
 Reads `<run_dir>/metrics.json` (the job's summary dict) and `<run_dir>/curves.jsonl` (one JSON
 object per line: `{"kind": "train", "step", "epoch", "loss", "samples_per_s", "ps_rows_per_s",
-"time_s", "workers", "attempt"}` or `{"kind": "valid", "step", "epoch", "<metric>": value, ...}`).
-A restarted run appends records for steps it had already logged; the last record per
-(kind, step) wins. Writes `loss.png`, `valid.png`, `throughput.png` (each only when there is
-something to plot), `curves.csv` (the de-duplicated records) and `report.html`, each atomically.
+"time_s", "workers", "attempt"}`, optionally with `"losses": {name: value}` (a model's named
+losses, next to the total `loss`) and `"phase": name`; or `{"kind": "valid", "step", "epoch",
+"<metric>": value, ...}`). A restarted run appends records for steps it had already logged; the
+last record per (kind, step) wins. Writes `loss.png` (the named losses in a second panel, phases
+shaded), `valid.png`, `throughput.png` (each only when there is something to plot), `curves.csv`
+(the de-duplicated records, a `losses.<name>` column per named loss) and `report.html`, each
+atomically.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 __all__ = ["ReportError", "load_curves", "main", "render_report"]
 
 KINDS = ("train", "valid")
 KEYS = ("kind", "step", "epoch")
+LOSSES, PHASE = "losses", "phase"  # a train record's named losses {name: value} and its phase name
+MAX_PHASE_SPANS = 60  # phases that change more often than this are not shaded (too thin to read)
 TRAIN_FIELDS = ("loss", "samples_per_s", "ps_rows_per_s", "time_s", "workers", "attempt")
 MAX_TABLE_ROWS = 500  # a list in metrics.json longer than this is cut in the page (the JSON has it all)
 
@@ -89,7 +96,13 @@ def load_curves(path: str | Path) -> list[dict]:
             if not isinstance(rec.get(key), int) or isinstance(rec.get(key), bool) or rec[key] < 0:
                 raise ReportError(f"{where}: '{key}' must be an integer >= 0, got {rec.get(key)!r}")
         for key, value in rec.items():
-            if key not in KEYS and not _number(value):
+            if key == LOSSES:
+                if not isinstance(value, dict) or not all(_number(v) for v in value.values()):
+                    raise ReportError(f"{where}: '{LOSSES}' must map names to numbers, got {value!r}")
+            elif key == PHASE:
+                if not isinstance(value, str):
+                    raise ReportError(f"{where}: '{PHASE}' must be a string, got {value!r}")
+            elif key not in KEYS and not _number(value):
                 raise ReportError(f"{where}: '{key}' must be a number, got {value!r}")
         if rec["kind"] == "train" and "loss" not in rec:
             raise ReportError(f"{where}: train record without 'loss'")
@@ -116,9 +129,49 @@ def _save(fig: Figure, path: Path) -> None:
     _write_atomic(path, buf.getvalue())
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], float(r[key])) for r in records if key in r]
+def _series(records: list[dict], key: str, group: str = "") -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`, or of `record[group][key]` (e.g. a named loss)."""
+    values = [(r["step"], r.get(group, {}) if group else r) for r in records]
+    pts = [(step, float(v[key])) for step, v in values if key in v]
     return [s for s, _ in pts], [v for _, v in pts]
+
+
+def named_losses(records: list[dict]) -> list[str]:
+    """The named losses of the train records, in order of appearance."""
+    return list(dict.fromkeys(n for r in records for n in r.get(LOSSES, {})))
+
+
+def phase_spans(train: list[dict]) -> list[tuple[str, int, int]]:
+    """(phase, first step, last step) of each run of consecutive records in one phase. A record
+    covers the steps since the previous record, so a span starts at the step of the record before."""
+    spans: list[tuple[str, int, int]] = []
+    prev_step = 0
+    for r in train:
+        if PHASE in r:
+            if spans and spans[-1][0] == r[PHASE]:
+                spans[-1] = (r[PHASE], spans[-1][1], r["step"])
+            else:
+                spans.append((r[PHASE], prev_step, r["step"]))
+        prev_step = r["step"]
+    return spans
+
+
+def _shade_phases(axes, train: list[dict]) -> bool:
+    """Shade each phase span (one colour per phase name, labelled on the first axes); False when
+    there are none, or too many to read."""
+    spans = phase_spans(train)
+    if not spans or len(spans) > MAX_PHASE_SPANS:
+        return False
+    names = list(dict.fromkeys(name for name, _, _ in spans))
+    pastel = colormaps["Pastel2"]  # apart from the curves' own colours
+    colours = {name: pastel(i % pastel.N) for i, name in enumerate(names)}
+    for ax in axes:
+        for name, lo, hi in spans:
+            ax.axvspan(lo, hi, color=colours[name], alpha=0.5, linewidth=0, zorder=0)
+    handles = [Patch(color=colours[n], alpha=0.5, label=f"phase {n}") for n in names]
+    axes[0].legend(handles=handles, fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0),
+                   ncol=min(len(names), 5), frameon=False)  # above the plot: it hides no curve
+    return True
 
 
 def _mark_restarts(ax, train: list[dict]) -> None:
@@ -129,12 +182,24 @@ def _mark_restarts(ax, train: list[dict]) -> None:
 
 
 def plot_loss(train: list[dict], path: Path) -> Figure:
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    ax.plot(*_series(train, "loss"), color="tab:blue", linewidth=1.2)
-    _mark_restarts(ax, train)
-    ax.set(xlabel="step", ylabel="training loss", title="Training loss (dotted: restarts)")
-    ax.grid(alpha=0.3)
+    """The total loss; below it, one curve per named loss when the model has them."""
+    named = named_losses(train)
+    fig = Figure(figsize=(7, 6.5) if named else (7, 4))
+    axes = list(fig.subplots(2, 1, sharex=True)) if named else [fig.add_subplot()]
+    axes[0].plot(*_series(train, "loss"), color="tab:blue", linewidth=1.2)
+    axes[0].set(ylabel="training loss (total)" if named else "training loss")
+    for i, name in enumerate(named):
+        axes[1].plot(*_series(train, name, LOSSES), color=f"C{i % 10}", linewidth=1.2, label=name)
+    if named:
+        axes[1].set(ylabel="named losses")
+        axes[1].legend(fontsize=8, loc="best", ncol=min(len(named), 4))
+    for ax in axes:
+        _mark_restarts(ax, train)
+        ax.grid(alpha=0.3)
+    axes[-1].set(xlabel="step")
+    shaded = _shade_phases(axes, train)
+    axes[0].set_title("Training loss (dotted: restarts" + ("; shaded: phases)" if shaded else ")"),
+                      pad=22 if shaded else 6)
     _save(fig, path)
     return fig
 
@@ -180,6 +245,9 @@ def plot_throughput(train: list[dict], path: Path) -> Figure:
 
 
 def write_csv(records: list[dict], path: Path) -> None:
+    """One row per record; a named loss is the column `losses.<name>`."""
+    records = [{**{k: v for k, v in r.items() if k != LOSSES},
+                **{f"{LOSSES}.{n}": v for n, v in r.get(LOSSES, {}).items()}} for r in records]
     columns = list(KEYS) + list(dict.fromkeys(k for r in records for k in r if k not in KEYS))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, lineterminator="\n")
@@ -250,6 +318,10 @@ def write_html(run_dir: Path, summary: dict, records: list[dict], plots: dict[st
         ["last step", max(r["step"] for r in records)],
         ["attempts", len({r.get("attempt", 0) for r in train}) if train else 0],
     ]
+    if named_losses(train):
+        facts.append(["named losses", ", ".join(named_losses(train))])
+    if phase_spans(train):
+        facts.append(["phases", ", ".join(dict.fromkeys(name for name, _, _ in phase_spans(train)))])
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>xdtrain report: {html.escape(run_dir.name)}"
         f"</title><style>{STYLE}</style></head><body>",

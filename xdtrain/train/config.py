@@ -1,6 +1,7 @@
 """Configs of the engine jobs (pretrain, finetune, evaluate): one YAML per experiment, dotted overrides.
 
     run_dir: runs/demo
+    verbose: false                                       # true: Ray's own output on the console, not logs/ray.log
     data:  {source: synthetic, world_config: configs/world_demo.yaml}
     model: {name: seqrec, backbone: sasrec, d: 48}      # the rest of `model` is the model's own config
     scale: {workers: 2}                                  # Ray Train workers (min_workers > 0: elastic)
@@ -103,6 +104,7 @@ class EngineConfig:
     resume_from: str = ""  # a checkpoint dir; "" = resume automatically if run_dir holds an unfinished run
     init_from: str = ""  # finetune: start dense + PS from this checkpoint, fresh optimizer and data cursor
     export_embeddings: bool = True  # write PS tables as Parquet (id, vector) under run_dir/embeddings
+    verbose: bool = False  # show Ray's own output on the console (else it goes to run_dir/logs/ray.log)
     data: DataConfig = field(default_factory=DataConfig)
     model: dict = field(default_factory=lambda: {"name": "seqrec"})
     scale: ScaleConfig = field(default_factory=ScaleConfig)

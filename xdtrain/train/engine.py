@@ -35,14 +35,20 @@ from xdtrain.train.config import EngineConfig
 from xdtrain.train.datasets import PreparedData, prepare_data
 from xdtrain.train.evaluation import summarize_tests, test_report
 from xdtrain.train.progress import ProgressBoard, ProgressWatcher
+from xdtrain.train.raylog import RayLog
 from xdtrain.train.worker import train_loop_per_worker
 
 RUN_NAME = "train"  # Ray Train's run directory inside run_dir
 
 
-def connect_ray(cfg: EngineConfig) -> bool:
-    """Join the configured cluster or start an embedded one; True when this call started Ray."""
+def connect_ray(cfg: EngineConfig, log: RayLog | None = None) -> bool:
+    """Join the configured cluster or start an embedded one; True when this call started Ray.
+    Worker output is always forwarded to the driver: `log` (when quiet) takes it into its file."""
+    if log is not None and log.active:
+        print(log.describe())
     if ray.is_initialized():
+        if log is not None:
+            log.take_worker_output()
         return False
     env = {"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
     address = cfg.scale.address or os.environ.get("RAY_ADDRESS", "")
@@ -51,11 +57,13 @@ def connect_ray(cfg: EngineConfig) -> bool:
         # Ray refuses a second one with the same keys.
         in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
         ray.init(address=address, runtime_env=None if in_job else env, log_to_driver=True)
-        return True
-    need = cfg.scale.workers * cfg.scale.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-             resources={"ps": 8.0, "trainer": float(cfg.scale.workers)},
-             include_dashboard=False, runtime_env=env, log_to_driver=True)
+    else:
+        need = cfg.scale.workers * cfg.scale.cpus_per_worker
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                 resources={"ps": 8.0, "trainer": float(cfg.scale.workers)},
+                 include_dashboard=False, runtime_env=env, log_to_driver=True)
+    if log is not None:
+        log.take_worker_output()
     return True
 
 
@@ -142,10 +150,15 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
 def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     """The pretrain job (see the module docstring); returns the summary written to metrics.json."""
     _check(cfg)
+    with RayLog(cfg.run_dir, cfg.verbose) as log:
+        return _train(cfg, log, faults)
+
+
+def _train(cfg: EngineConfig, log: RayLog, faults: dict | None) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    connect_ray(cfg)
+    connect_ray(cfg, log)
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
     model = build_model(cfg.model, data.model_data, cfg.train.seed)
@@ -241,14 +254,15 @@ def run_evaluate(cfg: EngineConfig) -> dict:
     state = ck.load_state(src)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.ps.backend == "ray":
-        connect_ray(cfg)
-    data = prepare_data(cfg.data, run_dir, min_groups=1)
-    model = build_model(cfg.model, data.model_data, cfg.train.seed)
-    ck.load_dense(src, model)
-    ps = make_ps(cfg, run_dir.name)
-    ps.restore(ck.ps_url(src))
-    t0 = time.time()
-    tests = run_tests(cfg, data, model, ps, run_dir)
+    with RayLog(run_dir, cfg.verbose) as log:
+        if cfg.ps.backend == "ray":
+            connect_ray(cfg, log)
+        data = prepare_data(cfg.data, run_dir, min_groups=1)
+        model = build_model(cfg.model, data.model_data, cfg.train.seed)
+        ck.load_dense(src, model)
+        ps = make_ps(cfg, run_dir.name)
+        ps.restore(ck.ps_url(src))
+        t0 = time.time()
+        tests = run_tests(cfg, data, model, ps, run_dir)
     return {"run_dir": str(run_dir), "checkpoint": str(src), "checkpoint_step": state.step, **summarize_tests(tests),
             "test_seconds": round(time.time() - t0, 1), "data": data.stats}

@@ -2,8 +2,9 @@
 
 Ray Train's own `report` reaches only its controller, so rank 0 also sends small records to a
 `ProgressBoard` actor (fire and forget, no CPU reserved). The driver runs `trainer.fit()` in a
-thread and polls the board: it draws a tqdm bar (loss, samples/s, PS rows/s), appends every
-record to `<run_dir>/curves.jsonl`, and lets tests see worker pids and steps (fault injection).
+thread and polls the board: it draws a tqdm bar (loss, named losses and phase when the model has
+them, samples/s, PS rows/s), appends every record to `<run_dir>/curves.jsonl` as it came, and lets
+tests see worker pids and steps (fault injection).
 
 The board is placed on the driver's node and restarts if its process dies. Its attempt counter
 (which also makes checkpoint names unique per worker group) is kept in a small file in the run
@@ -123,12 +124,30 @@ class ProgressWatcher:
         for r in records:
             if r.get("kind") != "train":
                 continue
+            if self.last_train and r["attempt"] > self.last_train["attempt"]:
+                self.bar.write(f"[xdtrain] training restarted from its latest checkpoint: attempt {r['attempt']}, "
+                               f"{r['workers']} workers")
             self.last_train = r
             self.bar.n = int(r["step"])
-            self.bar.set_postfix(epoch=r["epoch"], loss=f"{r['loss']:.4f}", samples_s=f"{r['samples_per_s']:.0f}",
-                                 ps_rows_s=f"{r['ps_rows_per_s']:.0f}", workers=r["workers"],
-                                 attempt=r["attempt"], refresh=False)
+            self.bar.set_postfix(bar_postfix(r), refresh=False)
         self.bar.refresh()
+
+
+def bar_postfix(record: dict) -> dict[str, Any]:
+    """The progress bar's fields for a train record, in order. The phase and the named losses (when
+    the model has them) come next to the total loss, each named loss to 4 significant digits."""
+    out: dict[str, Any] = {"attempt": record["attempt"], "epoch": record["epoch"]}
+    if "phase" in record:
+        out["phase"] = record["phase"]
+    out["loss"] = f"{record['loss']:.4f}"
+    for name, value in record.get("losses", {}).items():
+        out[name if name not in FIELDS else f"loss_{name}"] = f"{value:.4g}"
+    out.update(ps_rows_s=f"{record['ps_rows_per_s']:.0f}", samples_s=f"{record['samples_per_s']:.0f}",
+               workers=record["workers"])
+    return out
+
+
+FIELDS = ("attempt", "epoch", "phase", "loss", "ps_rows_s", "samples_s", "workers")  # no loss takes these names
 
 
 def wait_for_step(board: Any, step: int, timeout_s: float = 300.0) -> dict:
