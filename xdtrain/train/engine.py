@@ -27,8 +27,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from xdtrain.config import ConfigError, to_dict
-from xdtrain.jobrunner import write_json_atomic
 from xdtrain.models import build_model, model_config
+from xdtrain.outputs import claim_output_dir, write_json_atomic
 from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import EngineConfig
@@ -138,8 +138,7 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     """The pretrain job (see the module docstring); returns the summary written to metrics.json."""
     _check(cfg)
     t0 = time.time()
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)
     connect_ray(cfg)
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
@@ -234,8 +233,7 @@ def run_evaluate(cfg: EngineConfig) -> dict:
         raise ConfigError("evaluate: set init_from=<checkpoint directory>")
     src = Path(cfg.init_from).resolve()
     state = ck.load_state(src)
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)
     if cfg.ps.backend == "ray":
         connect_ray(cfg)
     data = prepare_data(cfg.data, run_dir, min_groups=1)
