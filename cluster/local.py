@@ -36,7 +36,7 @@ from pathlib import Path
 
 import psutil
 
-from xdtrain.outputs import MARKER, claim_output_dir, is_owned, remove_owned, write_json_atomic
+from xdtrain.outputs import MARKER, OutputError, claim_output_dir, is_owned, remove_owned, write_json_atomic
 
 __all__ = ["ClusterError", "LocalCluster", "NodeSpec", "default_root"]
 
@@ -166,9 +166,12 @@ class LocalCluster:
                     "run `python -m cluster.local down` first"
                 )
             old._remove_files()  # a stale state from a cluster that died with its machine
-        claim_output_dir(root, "cluster root", overwrite_key=None)
-        for sub in ("logs", "ray"):
-            claim_output_dir(root / sub, f"cluster {sub} folder", overwrite_key=None)
+        try:
+            claim_output_dir(root, "cluster root", overwrite_key=None)
+            for sub in ("logs", "ray"):
+                claim_output_dir(root / sub, f"cluster {sub} folder", overwrite_key=None)
+        except OutputError as e:
+            raise ClusterError(str(e)) from None
         port, dash_port = _free_port(), _free_port()
         state = {
             "version": STATE_VERSION,

@@ -341,3 +341,25 @@ def test_graph_save_never_replaces_a_folder_it_did_not_create(tmp_path):
     save_graph(g, str(tmp_path / "g2"))
     save_graph(g, str(tmp_path / "g2"), overwrite=True)  # its own earlier graph: replaced
     assert owner_of(tmp_path / "g2") == str(tmp_path / "g2")
+
+
+def test_local_cluster_removes_only_its_own_folders(tmp_path):
+    import tempfile
+
+    from cluster.local import ClusterError, LocalCluster
+
+    root = Path(tempfile.mkdtemp(prefix="xdo-")) / "c"  # short: the cluster refuses long roots first
+    made = user_files(root, "logs/mine.log")
+    with pytest.raises(ClusterError, match="not created by xdtrain"):
+        LocalCluster.start(root)  # refused before any node starts
+    assert intact(made)
+    claim_output_dir(root, "cluster root", overwrite=True)
+    ray_dir = claim_output_dir(root / "ray", "cluster ray folder")
+    user_files(ray_dir, "session_x/log.txt")
+    LocalCluster(root, {"nodes": {}})._remove_files()  # the user's logs/ is not the cluster's
+    assert not ray_dir.exists() and intact(made) and is_owned(root)
+    (root / "logs" / "mine.log").unlink()
+    (root / "logs").rmdir()
+    LocalCluster(root, {"nodes": {}})._remove_files()
+    assert not root.exists()  # nothing of anyone else's left: the root goes too
+    root.parent.rmdir()

@@ -18,10 +18,11 @@ from xdtrain.train.engine import train
 class DemoConfig:
     config: str = "configs/demo.yaml"  # the engine config the demo runs
     run_dir: str = "runs/demo"
+    overwrite: bool = False  # write into an existing non-empty run_dir that xdtrain did not create
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    engine_cfg = load_config(EngineConfig, cfg.config, [f"run_dir={cfg.run_dir}"])
+    engine_cfg = load_config(EngineConfig, cfg.config, [f"run_dir={cfg.run_dir}", f"overwrite={cfg.overwrite}"])
     summary = train(engine_cfg)
     model, pop = summary["test"]["seqrec"]["full"], summary["test"]["pop"]["full"]
     print("\n[demo] test split, full-catalogue ranking within each domain (best checkpoint, "

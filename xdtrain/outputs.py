@@ -88,7 +88,10 @@ def _protected() -> dict[str, str]:
     repo = Path(__file__).resolve().parents[1]
     if (repo / "pyproject.toml").exists():
         out.setdefault(str(repo), "the repository root")
-    cwd = Path.cwd().resolve()
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted: no git root to protect there
+        return out
     for d in (cwd, *cwd.parents):
         if (d / ".git").exists():
             out.setdefault(str(d), "the repository root")
