@@ -14,7 +14,6 @@ Each phase only counts rows, so the figures are the read path's cost alone.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `xdtrain` imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_ratio_table, report_result, run_phase, timer  # noqa: E402
+from xdtrain.outputs import StagedDir  # noqa: E402
 
 DOMAINS = ["books", "movies", "music", "games"]
 SCHEMA = pa.schema(
@@ -42,9 +42,11 @@ def generate(out: Path, rows: int, row_group: int, groups_per_file: int, seed: i
     """Write `rows` synthetic interactions as files of `groups_per_file` row groups, one group at a time."""
     if out.exists():
         return
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with StagedDir(out, "bench data", replace=False) as stage:  # the cache counts as present only once complete
+        _write_log(Path(stage.path), rows, row_group, groups_per_file, seed)
+
+
+def _write_log(tmp: Path, rows: int, row_group: int, groups_per_file: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     dictionary = pa.array(DOMAINS)
     written, f = 0, 0
@@ -67,7 +69,6 @@ def generate(out: Path, rows: int, row_group: int, groups_per_file: int, seed: i
                 writer.write_batch(batch, row_group_size=row_group)
                 written += n
         f += 1
-    tmp.rename(out)  # the cache counts as present only once complete
 
 
 def phase(name: str, data: str, batch_size: int, shuffle_buffer: int) -> None:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import psutil
 
+from xdtrain.outputs import MARKER, OutputError, claim_output_dir, is_owned, remove_owned, write_json_atomic
+
 __all__ = ["ClusterError", "LocalCluster", "NodeSpec", "default_root"]
 
 STATE_VERSION = 1
@@ -164,7 +166,12 @@ class LocalCluster:
                     "run `python -m cluster.local down` first"
                 )
             old._remove_files()  # a stale state from a cluster that died with its machine
-        (root / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            claim_output_dir(root, "cluster root", overwrite_key=None)
+            for sub in ("logs", "ray"):
+                claim_output_dir(root / sub, f"cluster {sub} folder", overwrite_key=None)
+        except OutputError as e:
+            raise ClusterError(str(e)) from None
         port, dash_port = _free_port(), _free_port()
         state = {
             "version": STATE_VERSION,
@@ -447,19 +454,21 @@ class LocalCluster:
         return self.state["nodes"][name]
 
     def _save(self) -> None:
-        path = self.root / "state.json"
-        tmp = path.with_name(f".state.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(self.root / "state.json", self.state)
 
     def _remove_files(self) -> None:
+        """The state, Ray's folder and the logs (only as created by `start`), then the root if nothing
+        else is left in it: the user's own files stay."""
         (self.root / "state.json").unlink(missing_ok=True)
         for sub in ("ray", "logs"):
-            shutil.rmtree(self.root / sub, ignore_errors=True)
-        try:
+            if is_owned(self.root / sub):
+                try:
+                    remove_owned(self.root / sub, self.root)
+                except OSError:
+                    pass  # a file still being written by a node that was just killed
+        if is_owned(self.root) and os.listdir(self.root) == [MARKER]:
+            os.unlink(self.root / MARKER)
             self.root.rmdir()
-        except OSError:
-            pass  # not empty: the user's own files stay
 
 
 if __name__ == "__main__":  # `python -m cluster.local ...`: the CLI lives in cluster/cli.py

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from xdtrain.config import MISSING
 from xdtrain.data.schemas import DataError
+from xdtrain.outputs import StagedDir
 
-from .store import EntityGraph, id_dtype, is_local, save_graph, url_to_fs
+from .store import EntityGraph, id_dtype, is_local, url_to_fs, write_graph_files
 from .triplets import (
     BadReport,
     RelationVocab,
@@ -335,12 +336,11 @@ def load_links(url: str, graph: EntityGraph, on_bad: str = "raise", chunk_rows: 
 def run_build_graph(cfg: GraphBuildConfig) -> dict:
     """Job entrypoint (`python -m jobs.build_graph`): build, save, and summarise."""
     fs, root = url_to_fs(cfg.out)
-    if fs.exists(root) and not cfg.overwrite:
-        raise DataError(f"{cfg.out}: already exists (overwrite=true replaces it)")
     t0 = time.time()
-    graph = build_graph(cfg)
-    build_s = time.time() - t0
-    save_graph(graph, cfg.out, overwrite=cfg.overwrite)
+    with StagedDir(cfg.out, "out", replace=cfg.overwrite, replace_key="overwrite") as stage:  # refuses first
+        graph = build_graph(cfg)
+        build_s = time.time() - t0
+        write_graph_files(graph, stage)
     summary = {
         "out": cfg.out, "num_nodes": graph.num_nodes, "num_edges": graph.num_edges,
         "n_relations": graph.n_relations, "num_etypes": graph.num_etypes, "idtype": str(graph.indices.dtype),

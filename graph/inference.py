@@ -14,11 +14,9 @@ name, `_MANIFEST.json` last, then one rename, so readers never see a partial or 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,8 +28,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from xdtrain.outputs import AtomicFile, StagedDir, write_json_atomic
+
 from .sampling import NeighbourSampler
-from .store import EntityGraph, url_to_fs
+from .store import EntityGraph
 
 EXPORT_MANIFEST = "_MANIFEST.json"  # the layout `xdtrain.ps.read_export` reads
 
@@ -79,11 +79,8 @@ class _ExportWriter:
     """(id, vector) Parquet parts under a staging directory, published by `commit`."""
 
     def __init__(self, url: str, dim: int, rows_per_file: int, overwrite: bool) -> None:
-        self.fs, self.root = url_to_fs(url)
-        if self.fs.exists(self.root) and not overwrite:
-            raise FileExistsError(f"{url}: already exists (overwrite=True replaces it)")
-        self.stage = f"{self.root}.partial-{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(self.stage, exist_ok=True)
+        self.staged = StagedDir(url, "embeddings", replace=overwrite, replace_key="overwrite")
+        self.fs, self.stage = self.staged.fs, self.staged.path
         self.dim, self.rows_per_file = dim, rows_per_file
         self.schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), dim))])
         self.files: list[dict] = []
@@ -96,8 +93,8 @@ class _ExportWriter:
             raise ValueError(f"non-finite embeddings for ids {bad}")
         if self._writer is None:
             name = f"part-{len(self.files):05d}.parquet"
-            self._handle = self.fs.open(f"{self.stage}/{name}", "wb")
-            self._writer = pq.ParquetWriter(self._handle, self.schema)
+            self._handle = AtomicFile(f"{self.stage}/{name}", self.fs)
+            self._writer = pq.ParquetWriter(self._handle.file, self.schema)
             self.files.append({"path": name, "rows": 0})
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
         vec = pa.FixedSizeListArray.from_arrays(flat, self.dim)
@@ -110,23 +107,22 @@ class _ExportWriter:
     def _close_file(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            self._handle.close()
+            self._handle.commit()
             self._writer = self._handle = None
 
     def commit(self, table: str) -> None:
         self._close_file()
         rows = sum(f["rows"] for f in self.files)
         body = {"table": table, "dim": self.dim, "rows": rows, "files": self.files}
-        with self.fs.open(f"{self.stage}/{EXPORT_MANIFEST}", "w") as f:
-            f.write(json.dumps(body, indent=1))
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
-        self.fs.mv(self.stage, self.root, recursive=True)
+        write_json_atomic(f"{self.stage}/{EXPORT_MANIFEST}", body, self.fs, indent=1)
+        self.staged.commit()
 
     def abort(self) -> None:
-        self._close_file()
-        if self.fs.exists(self.stage):
-            self.fs.rm(self.stage, recursive=True)
+        if self._writer is not None:
+            self._writer.close()
+            self._handle.discard()
+            self._writer = self._handle = None
+        self.staged.discard()
 
 
 def layerwise_inference(model, graph: EntityGraph, features, out_url: str, *, chunk_nodes: int = 1 << 16,

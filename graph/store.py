@@ -20,7 +20,6 @@ Arrays are read with `allow_pickle=False` (no unpickling of user files).
 from __future__ import annotations
 
 import json
-import uuid
 import warnings
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from xdtrain.data.schemas import DataError
+from xdtrain.outputs import AtomicFile, StagedDir, is_local, write_json_atomic
 
 FORMAT = "xdtrain-entity-graph"
 FORMAT_VERSION = 1
@@ -42,11 +42,6 @@ INT32_MAX = np.iinfo(np.int32).max
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path.rstrip("/")
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def id_dtype(num_nodes: int, num_edges: int) -> np.dtype:
@@ -163,35 +158,23 @@ class EntityGraph:
         }
 
 
-def _write_npy(fs, path: str, arr: np.ndarray) -> None:
-    with fs.open(path, "wb") as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-
-
 def save_graph(graph: EntityGraph, url: str, overwrite: bool = False) -> str:
-    """Write `graph` under `url` (a directory), atomically: staged under a temporary name, then renamed."""
-    fs, root = url_to_fs(url)
-    if fs.exists(f"{root}/{MANIFEST}") and not overwrite:
-        raise FileExistsError(f"{url}: a graph is already saved there (overwrite=True replaces it)")
-    stage = f"{root}.partial-{uuid.uuid4().hex[:8]}"
-    fs.makedirs(stage, exist_ok=True)
-    files = {}
-    for name in ARRAYS:
-        arr = getattr(graph, name)
-        _write_npy(fs, f"{stage}/{name}.npy", arr)
-        files[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
-    with fs.open(f"{stage}/{MANIFEST}", "w") as f:
-        f.write(json.dumps({**graph.manifest(), "files": files}, indent=1, default=_plain))
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    fs.mv(stage, root, recursive=True)
+    """Write `graph` under `url` (a directory), atomically: staged under a temporary name, then swapped in.
+    An existing graph is replaced only with `overwrite` and only if xdtrain wrote it."""
+    with StagedDir(url, "graph", replace=overwrite, replace_key="overwrite") as stage:
+        write_graph_files(graph, stage)
     return url
 
 
-def _plain(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+def write_graph_files(graph: EntityGraph, stage: StagedDir) -> None:
+    """The arrays, then the manifest, into a staging folder."""
+    files = {}
+    for name in ARRAYS:
+        arr = getattr(graph, name)
+        with AtomicFile(f"{stage.path}/{name}.npy", stage.fs) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+        files[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+    write_json_atomic(f"{stage.path}/{MANIFEST}", {**graph.manifest(), "files": files}, stage.fs, indent=1)
 
 
 def _read_npy(fs, path: str, local: bool, mmap: bool, expect: dict) -> np.ndarray:

@@ -12,5 +12,10 @@ import sys
 from xdtrain.data.movielens import MovieLensConfig, run_prepare
 from xdtrain.jobrunner import job_main
 
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main("prepare-movielens", MovieLensConfig, run_prepare, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(job_main("prepare-movielens", MovieLensConfig, run_prepare))
+    sys.exit(main())

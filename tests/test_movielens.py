@@ -24,6 +24,7 @@ from xdtrain.data.movielens import (
 from xdtrain.data.recbole import read_atomic
 from xdtrain.data.schemas import DataError, check_schema
 from xdtrain.jobrunner import job_main
+from xdtrain.outputs import MARKER
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_prepare_job_writes_canonical_parquet(tmp_path, capsys):
     )
     assert rc == 0
     tables = ("interactions", "items", "users", "sequences", "triplets", "links", "entities", "relations")
-    assert {p.name for p in out.iterdir()} == {f"{n}.parquet" for n in tables} | {"metrics.json"}
+    assert {p.name for p in out.iterdir()} == {f"{n}.parquet" for n in tables} | {"metrics.json", MARKER}
     inter = pq.read_table(out / "interactions.parquet")
     check_schema(inter.schema, "interactions", "written")
     assert pc.min(inter["rating"]).as_py() == 4

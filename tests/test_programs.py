@@ -75,7 +75,8 @@ def test_five_critic_steps_then_one_generator_step_and_epochs_end_anywhere_in_a_
 
 def test_alternating_epochs_over_two_streams_make_a_round_a_phase_epoch():
     """AMID's Alg. 1: one epoch over O with `main`, then one over D with `dr`, repeated."""
-    p = program({"O": StreamSpec(), "D": StreamSpec()}, {"main": OptimSpec(params=("m",)), "dr": OptimSpec(params=("d",))},
+    p = program({"O": StreamSpec(), "D": StreamSpec()},
+                {"main": OptimSpec(params=("m",)), "dr": OptimSpec(params=("d",))},
                 [Phase(steps=(Step("main", ("O",), epochs=1), Step("dr", ("D",), epochs=1)), epochs=50)])
     s = ck.EngineState()
     for _ in range(7):

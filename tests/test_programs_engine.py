@@ -138,26 +138,32 @@ def assert_same_run(a: Path, b: Path) -> None:
     ta, tb = traces(a), traces(b)
     assert ta == tb  # the same rows, at the same steps, on the same ranks
     main = [u for (_, _), streams in ta.items() for u in streams["train"]]
-    assert len(main) == len(set(main))  # each main-stream row read exactly once per epoch (one epoch here)
+    assert len(main) == len(set(main)) == 24 * 16  # each main-stream row read once (within one epoch)
 
 
-PROGRAM = ("train.epochs=1", "train.checkpoint_every=4", "train.trace_rows=true")
+# 24 iterations: four generator rounds; a checkpoint every 8; the kills come at iteration 10 or later.
+PROGRAM = ("train.epochs=1", "train.max_steps=24", "train.checkpoint_every=8", "train.trace_rows=true")
 
 
-def test_two_stream_program_resumes_mid_phase_after_a_worker_kill(ray_cluster, world, tmp_path):
-    train(toy_config(world, tmp_path / "clean", *PROGRAM))
+@pytest.fixture(scope="module")
+def clean(ray_cluster, world, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("programs_clean") / "clean"
+    train(toy_config(world, run, *PROGRAM))
+    return run
+
+
+def test_two_stream_program_resumes_mid_phase_after_a_worker_kill(ray_cluster, world, clean, tmp_path):
     hit = train(toy_config(world, tmp_path / "hit", *PROGRAM), faults={"kill_worker_at_step": 10, "kill_rank": 1})
     assert hit["attempts"] == 2
     assert [r["target"] for r in records(tmp_path / "hit") if r["kind"] == "fault"] == ["worker"]
-    assert_same_run(tmp_path / "clean", tmp_path / "hit")
+    assert_same_run(clean, tmp_path / "hit")
 
 
 def train_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_two_stream_program_resumes_mid_phase_after_the_driver_is_killed(ray_cluster, world, tmp_path):
-    train(toy_config(world, tmp_path / "clean", *PROGRAM))
+def test_two_stream_program_resumes_mid_phase_after_the_driver_is_killed(ray_cluster, world, clean, tmp_path):
     run = tmp_path / "cut"
     argv = [f"run_dir={run}", f"data.world_url={world}", *SMALL, *PROGRAM]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -179,5 +185,5 @@ def test_two_stream_program_resumes_mid_phase_after_the_driver_is_killed(ray_clu
         assert time.time() < deadline, "the killed driver's Ray Train workers are still alive after 120 s"
         time.sleep(0.5)
     resumed = train(toy_config(world, run, *PROGRAM))
-    assert resumed["stop_reason"] == "epochs"
-    assert_same_run(tmp_path / "clean", run)
+    assert resumed["stop_reason"] == "max_steps" and resumed["steps"] == 24
+    assert_same_run(clean, run)

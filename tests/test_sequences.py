@@ -11,9 +11,7 @@ from xdtrain.data.schemas import DataError
 from xdtrain.data.sequences import (
     build_sequences,
     build_sequences_ray,
-    publish_dir,
     read_sequences,
-    write_parquet,
 )
 
 # user 1: domain a has a timestamp tie (t=5, items 30 and 20 -> 20 first by item id);
@@ -128,17 +126,3 @@ def test_ray_path_equals_memory_path(ray_cluster, tmp_path):
     assert got.select(expected.column_names).equals(expected)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
-
-def test_publish_dir_keeps_old_version_on_failure(tmp_path):
-    out = tmp_path / "out"
-    publish_dir(out, lambda d: write_parquet(table(), d / "t.parquet"))
-    assert pq.read_table(out / "t.parquet").num_rows == len(ROWS)
-
-    def broken(d):
-        write_parquet(table().slice(0, 1), d / "t.parquet")
-        raise RuntimeError("crash mid-write")
-
-    with pytest.raises(RuntimeError):
-        publish_dir(out, broken)
-    assert pq.read_table(out / "t.parquet").num_rows == len(ROWS)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -376,12 +376,19 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     root.mkdir()
     (root / "keep.txt").write_text("mine")
     cfg = small_cfg(users={"n_users": 50})
+    cfg.output.overwrite = True  # overwrite replaces a world xdtrain wrote, never a folder of someone else's
     with pytest.raises(ConfigError, match=str(root)):
         generate_world(cfg, str(root), progress=False)
     assert (root / "keep.txt").read_text() == "mine"
+    (root / "keep.txt").unlink()
+    generate_world(cfg, str(root), progress=False)  # an empty folder is fine
+    cfg.output.overwrite = False
+    with pytest.raises(ConfigError, match="output.overwrite=true replaces it"):
+        generate_world(cfg, str(root), progress=False)
     cfg.output.overwrite = True
+    first = root.stat().st_ino
     generate_world(cfg, str(root), progress=False)
-    assert not (root / "keep.txt").exists() and (root / "world.json").exists()
+    assert root.stat().st_ino != first and (root / "world.json").exists()  # a new version swapped in
 
 
 def test_memory_filesystem():

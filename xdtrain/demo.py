@@ -19,11 +19,12 @@ class DemoConfig:
     config: str = "configs/demo.yaml"  # the engine config the demo runs
     run_dir: str = "runs/demo"
     verbose: bool = False  # true: Ray's own output on the console (else <run_dir>/logs/ray.log)
+    overwrite: bool = False  # write into an existing non-empty run_dir that xdtrain did not create
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Train and test; the job runner prints the results table (test: scorer x metric)."""
-    overrides = [f"run_dir={cfg.run_dir}"] + (["verbose=true"] if cfg.verbose else [])
+    overrides = [f"run_dir={cfg.run_dir}", f"overwrite={cfg.overwrite}"] + (["verbose=true"] if cfg.verbose else [])
     engine_cfg = load_config(EngineConfig, cfg.config, overrides)
     summary = train(engine_cfg)
     model, pop = summary["test"]["seqrec"]["full"], summary["test"]["pop"]["full"]

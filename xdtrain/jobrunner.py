@@ -18,17 +18,9 @@ from typing import Any, TypeVar
 
 from xdtrain.config import ConfigError, load_config, to_dict
 from xdtrain.data.schemas import DataError
+from xdtrain.outputs import JOB_ENV, owner_of, write_json_atomic
 
 C = TypeVar("C")
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def parse_job_args(name: str, argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +33,7 @@ def parse_job_args(name: str, argv: list[str] | None) -> argparse.Namespace:
 def job_main(name: str, config_cls: type[C], run: Callable[[C], dict], argv: list[str] | None = None) -> int:
     """Parse args, load the config, run, and turn known input errors into one clear line (exit 2)."""
     args = parse_job_args(name, argv)
+    os.environ[JOB_ENV] = name  # recorded in the ownership marker of the folders the job creates
     try:
         cfg = load_config(config_cls, args.config, args.overrides)
     except ConfigError as e:
@@ -57,11 +50,14 @@ def job_main(name: str, config_cls: type[C], run: Callable[[C], dict], argv: lis
     summary.setdefault("wall_seconds", round(time.time() - start, 3))
     summary.setdefault("config", to_dict(cfg))
     out_dir = summary.get("run_dir")
-    if out_dir:
+    if out_dir and owner_of(out_dir) is not None:  # never into a folder xdtrain did not create
         write_json_atomic(Path(out_dir) / "metrics.json", summary)
         summary["metrics"] = str(Path(out_dir) / "metrics.json")
         print(f"\nxdtrain {name}: done in {summary['wall_seconds']} s\n{results_table(summary)}")
     else:  # nowhere to keep the summary: print all of it
+        if out_dir:
+            print(f"xdtrain {name}: metrics.json not written: {out_dir} is not a folder xdtrain created",
+                  file=sys.stderr)
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2, default=str))
     return 0
 

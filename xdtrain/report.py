@@ -18,7 +18,6 @@ import html
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+
+from xdtrain.outputs import write_bytes_atomic, write_text_atomic
 
 __all__ = ["ReportError", "load_curves", "main", "render_report"]
 
@@ -117,16 +118,10 @@ def load_curves(path: str | Path) -> list[dict]:
 # --- outputs ----------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _write_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _series(records: list[dict], key: str, group: str = "") -> tuple[list[int], list[float]]:
@@ -253,7 +248,7 @@ def write_csv(records: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buf, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
-    _write_atomic(path, buf.getvalue().encode())
+    write_text_atomic(path, buf.getvalue())
 
 
 # --- HTML -------------------------------------------------------------------------------------------
@@ -339,7 +334,7 @@ def write_html(run_dir: Path, summary: dict, records: list[dict], plots: dict[st
     parts.append("<h2>Metrics (metrics.json)</h2>")
     parts += [f"<h3>{html.escape(title)}</h3>{table}" for title, table in summary_tables(summary)]
     parts.append("</body></html>")
-    _write_atomic(path, "\n".join(parts).encode())
+    write_text_atomic(path, "\n".join(parts))
 
 
 def render_report(run_dir: str) -> dict[str, str]:

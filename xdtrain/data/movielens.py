@@ -39,7 +39,8 @@ import pyarrow.compute as pc
 
 from xdtrain.data.recbole import kg_tables, lookup_ids, read_atomic
 from xdtrain.data.schemas import DataError, check_batch
-from xdtrain.data.sequences import build_sequences, build_sequences_ray, publish_dir, write_parquet
+from xdtrain.data.sequences import build_sequences, build_sequences_ray, write_parquet
+from xdtrain.outputs import StagedDir
 
 DATASETS = ("ml-1m", "ml-100k", "ml-100k-kg", "ml-1m+ml-100k")
 SOURCES = {
@@ -389,19 +390,17 @@ def prepare(cfg: MovieLensConfig) -> MovieLensData:
 
 
 def run_prepare(cfg: MovieLensConfig) -> dict:
-    """Write the prepared tables as Parquet under `out_dir`, replacing it only once complete."""
-    data = prepare(cfg)
-    tables = {"interactions": data.interactions, "items": data.items, "users": data.users, **data.side}
-    out = Path(cfg.out_dir)
-
-    def fill(tmp: Path) -> None:
+    """Write the prepared tables as Parquet under `out_dir`, replacing it only once complete, and only
+    if it is new, empty or an earlier xdtrain output (a folder of someone else's is refused up front)."""
+    with StagedDir(cfg.out_dir, "out_dir") as stage:
+        data = prepare(cfg)
+        tables = {"interactions": data.interactions, "items": data.items, "users": data.users, **data.side}
+        tmp = Path(stage.path)
         for name, table in tables.items():
             write_parquet(table, tmp / f"{name}.parquet")
         if cfg.sequences == "memory":
             write_parquet(build_sequences(data.interactions), tmp / "sequences.parquet")
         elif cfg.sequences == "ray":
             build_sequences_ray(str(tmp / "interactions.parquet"), str(tmp / "sequences"))
-
-    publish_dir(out, fill)
     written = sorted(tables) + ([] if cfg.sequences == "none" else ["sequences"])
-    return {"run_dir": str(out), "tables": written, **data.stats}
+    return {"run_dir": stage.out, "tables": written, **data.stats}

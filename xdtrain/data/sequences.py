@@ -16,19 +16,16 @@ With `by_domain=False`, pass `extra_columns=["domain"]` to keep each position's 
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from xdtrain.data.schemas import DataError, check_batch, check_schema
+from xdtrain.outputs import AtomicFile, StagedDir
 
 DEFAULT_EXTRAS = ("rating", "label")
 
@@ -115,7 +112,7 @@ def build_sequences_ray(
     This is what `groupby(...).map_groups` does (repartition by key with sorting, then one
     whole block per batch, so a key never straddles two batches), with one vectorised build
     per partition instead of a Python call per group. No process holds more than a partition.
-    Output goes to a temporary folder beside `dst`, renamed into place when complete.
+    Output goes to a temporary folder beside `dst`, swapped in when complete (`StagedDir`).
     """
     import ray.data
 
@@ -129,17 +126,8 @@ def build_sequences_ray(
 
     shuffled = ds.repartition(n, keys=["user_id"], sort=True)
     result = shuffled.map_batches(one_partition, batch_size=None, batch_format="pyarrow")
-    tmp_url = f"{dst.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    fs, path = fsspec.core.url_to_fs(dst)
-    _, tmp = fsspec.core.url_to_fs(tmp_url)
-    try:
-        result.write_parquet(tmp_url)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.mv(tmp, path, recursive=True)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+    with StagedDir(dst, "sequences") as stage:
+        result.write_parquet(stage.fs.unstrip_protocol(stage.path))
     return dst
 
 
@@ -189,34 +177,5 @@ def first_samples(seqs: pa.Table, n_samples: int, seed: int | None = None, where
 
 def write_parquet(table: pa.Table, path: str | Path) -> None:
     """Write one Parquet file under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def publish_dir(out: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Run `fill(tmp_dir)`, then swap tmp_dir in as `out`: readers see the old folder or the new one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    tmp, old = out.with_name(f".{out.name}.tmp-{tag}"), out.with_name(f".{out.name}.old-{tag}")
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        if out.exists():
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old.exists() and not out.exists():
-                os.replace(old, out)  # put the previous version back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+    with AtomicFile(path) as f:
+        pq.write_table(table, f)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -35,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from xdtrain.data.schemas import DataError
+from xdtrain.outputs import AtomicFile
 
 _META_KEY = b"xdtrain.candidates"
 
@@ -391,18 +391,8 @@ def save_candidates(cands: Candidates, url: str) -> None:
     meta = {"spec": asdict(cands.spec), "fingerprint": cands.fingerprint, "n_rows": R}
     table = pa.table({"row": pa.array(np.arange(R), type=pa.int64()), "negatives": negs})
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+    with AtomicFile(url) as f:
+        pq.write_table(table, f)
 
 
 def load_candidates(url: str, data: EvalSet, spec: CandidateSpec) -> Candidates:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,8 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from xdtrain.outputs import AtomicFile, write_text_atomic
 
 ALL = "all"
 
@@ -153,30 +154,17 @@ def to_markdown(summary: dict, metrics: list[str] | None = None, digits: int = 4
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def _write_atomic(fs: Any, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-
-
 def write_report(result: EvalResult, out_dir: str, stem: str = "metrics") -> dict[str, str]:
     """Write <out_dir>/<stem>.json and <stem>.md (and <stem>_rows.parquet if per-row metrics were
     kept), each to a temporary name first. Returns the paths written."""
     fs, root = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(root, exist_ok=True)
     summary = result.summary()
     paths = {"json": f"{root}/{stem}.json", "markdown": f"{root}/{stem}.md"}
-    _write_atomic(fs, paths["json"], json.dumps(summary, indent=2, sort_keys=False, default=str).encode())
-    _write_atomic(fs, paths["markdown"], to_markdown(summary).encode())
+    write_text_atomic(paths["json"], json.dumps(summary, indent=2, sort_keys=False, default=str), fs)
+    write_text_atomic(paths["markdown"], to_markdown(summary), fs)
     rows = result.rows()
     if rows is not None:
         paths["rows"] = f"{root}/{stem}_rows.parquet"
-        buf = pa.BufferOutputStream()
-        pq.write_table(rows, buf)
-        _write_atomic(fs, paths["rows"], buf.getvalue().to_pybytes())
+        with AtomicFile(paths["rows"], fs) as f:
+            pq.write_table(rows, f)
     return paths

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from xdtrain.outputs import claim_output_dir
 from xdtrain.ps import checkpoint as ckpt
 from xdtrain.ps.export import write_export_manifest
 from xdtrain.ps.table import TableSpec
@@ -31,6 +32,7 @@ class WholeTableOps:
         """
         self.flush()
         t0 = time.perf_counter()
+        claim_output_dir(url, "PS checkpoint", overwrite_key=None)  # never into a folder of someone else's
         token = ckpt.new_token()
         data_dir = f"data-{token}"
         subdirs = [f"{data_dir}/shard-{k:05d}" for k in range(self.num_shards)]

@@ -21,6 +21,7 @@ headers are parsed with numpy's safe header reader and object dtypes are refused
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import fsspec
 import numpy as np
 
+from xdtrain.outputs import AtomicFile, remove_owned, write_json_atomic
 from xdtrain.ps.slots import slot_of
 from xdtrain.ps.table import ShardTable
 
@@ -50,26 +52,17 @@ def new_token() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def _write_npy(fs, path: str, arr: np.ndarray, order: np.ndarray | None) -> int:
     """Write arr[order] (or arr) as .npy, streamed in chunks, via a temporary name. Returns bytes."""
     if arr.dtype.hasobject:
         raise ValueError(f"{path}: refusing to write an object array")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
-    with fs.open(tmp, "wb") as f:
+    with AtomicFile(path, fs) as f:
         np.lib.format.write_array_header_1_0(f, header)
         for start in range(0, len(arr), _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, len(arr))
             chunk = arr[start:stop] if order is None else np.take(arr, order[start:stop], axis=0)
             f.write(np.ascontiguousarray(chunk).tobytes())
-    fs.mv(tmp, path)
     return int(fs.size(path))
 
 
@@ -174,10 +167,7 @@ def read_table_slots(fs, dirpath: str, entry: dict, slots: np.ndarray) -> dict[s
 def write_manifest(url: str, manifest: dict) -> str:
     """Atomically replace MANIFEST.json under `url` (the commit point of a checkpoint)."""
     fs, root = url_to_fs(url)
-    fs.makedirs(root, exist_ok=True)
-    path = f"{root}/{MANIFEST}"
-    atomic_write_bytes(fs, path, json.dumps(manifest, indent=1).encode())
-    return path
+    return write_json_atomic(f"{root}/{MANIFEST}", manifest, fs, indent=1)
 
 
 def read_manifest(url: str) -> dict:
@@ -195,10 +185,22 @@ def read_manifest(url: str) -> dict:
     return manifest
 
 
+_DATA_DIR = re.compile(r"data-\d{8}-\d{6}-[0-9a-f]{8}")  # new_token's pattern
+_SHARD_DIR = re.compile(r"shard-\d{5}")
+
+
+def is_data_dir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """A folder a checkpoint's shards wrote: named `data-<token>`, holding only `shard-NNNNN` folders."""
+    name = path.rstrip("/").rpartition("/")[2]
+    if not _DATA_DIR.fullmatch(name) or not fs.isdir(path):
+        return False
+    return all(_SHARD_DIR.fullmatch(e.rstrip("/").rpartition("/")[2]) for e in fs.ls(path, detail=False))
+
+
 def remove_stale_data(url: str, keep: str) -> None:
-    """Delete data-* directories under `url` other than `keep` (old or crashed checkpoints)."""
+    """Delete the data folders of older or crashed checkpoints under `url` (not `keep`): only those
+    the shards wrote (`is_data_dir`), inside a checkpoint folder xdtrain owns."""
     fs, root = url_to_fs(url)
     for entry in fs.ls(root, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("data-") and name != keep:
-            fs.rm(entry, recursive=True)
+        if entry.rstrip("/").rpartition("/")[2] != keep and is_data_dir(fs, entry):
+            remove_owned(entry, root, fs, created=lambda p: is_data_dir(fs, p))

@@ -8,13 +8,13 @@ takes the manifest as the sign that the export is whole, and reads only the file
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from xdtrain.ps.checkpoint import atomic_write_bytes, url_to_fs
+from xdtrain.outputs import AtomicFile, write_json_atomic
+from xdtrain.ps.checkpoint import url_to_fs
 from xdtrain.ps.table import ShardTable
 
 EXPORT_MANIFEST = "_MANIFEST.json"
@@ -43,12 +43,10 @@ def write_shard_export(url: str, table: ShardTable, shard: int, rows_per_file: i
     for part, start in enumerate(starts):
         stop = min(start + rows_per_file, len(ids))
         name = f"{table.spec.name}-shard{shard:05d}-{part:05d}.parquet"
-        tmp = f"{root}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        with AtomicFile(f"{root}/{name}", fs) as f, pq.ParquetWriter(f, schema) as writer:
             for a in range(start, stop, _ROW_GROUP_ROWS):
                 b = min(a + _ROW_GROUP_ROWS, stop)
                 writer.write_batch(_batch(ids[a:b], rows[a:b]))
-        fs.mv(tmp, f"{root}/{name}")
         files.append({"path": name, "rows": int(stop - start)})
     return files
 
@@ -57,8 +55,7 @@ def write_export_manifest(url: str, table: str, dim: int, files: list[dict]) -> 
     fs, root = url_to_fs(url)
     path = f"{root}/{EXPORT_MANIFEST}"
     body = {"table": table, "dim": dim, "rows": sum(f["rows"] for f in files), "files": files}
-    atomic_write_bytes(fs, path, json.dumps(body, indent=1).encode())
-    return path
+    return write_json_atomic(path, body, fs, indent=1)
 
 
 def read_export(url: str) -> pa.Table:

@@ -31,6 +31,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from xdtrain.data.schemas import DataError, hash_ids
+from xdtrain.outputs import AtomicFile, claim_output_dir, remove_owned
 from xdtrain.text.encoder import DEFAULT_MODEL, load_text_encoder, resolve_model_path
 
 KEYS = ["domain", "item_id", "text_hash"]
@@ -175,8 +176,7 @@ class TextCache:
     def parts(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
-        names = [p for p in self.fs.ls(self.root, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")]
-        return sorted(p for p in names if p.endswith(".parquet"))
+        return sorted(p for p in self.fs.ls(self.root, detail=False) if is_part(p))
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         tables = []
@@ -194,17 +194,17 @@ class TextCache:
         """Add rows (KEYS + embedding) as a new part; temporary name first, then rename."""
         if rows.num_rows == 0:
             return None
-        self.fs.makedirs(self.root, exist_ok=True)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                pq.write_table(rows.select(KEYS + ["embedding"]), f)
-            self.fs.mv(tmp, final)
-        finally:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
+        self.claim()
+        final = f"{self.root}/{part_name()}"
+        with AtomicFile(final, self.fs) as f:
+            pq.write_table(rows.select(KEYS + ["embedding"]), f)
         return final
+
+    def claim(self) -> None:
+        """Mark the cache folder as xdtrain's when this creates it (a new part never overwrites anything,
+        so an existing folder is used as it is; only `compact_cache` deletes, and only in a marked one)."""
+        if not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False):
+            claim_output_dir(self.root, "text cache", fs=self.fs)
 
     def split(self, keys: pa.Table) -> tuple[pa.Table, pa.Table]:
         """(cached rows for `keys` with their embedding, the keys not cached yet)."""
@@ -214,6 +214,18 @@ class TextCache:
         found = take_matching(keys.select(KEYS), have)
         missing = keys.join(have.select(KEYS), KEYS, join_type="left anti")
         return found, missing
+
+
+_PART = re.compile(r"part-[0-9a-f]{32}\.parquet")
+
+
+def part_name() -> str:
+    return f"part-{uuid.uuid4().hex}.parquet"
+
+
+def is_part(path: str) -> bool:
+    """A part the cache wrote (`part_name`); anything else in the folder is not read or deleted."""
+    return bool(_PART.fullmatch(path.rstrip("/").rpartition("/")[2]))
 
 
 def take_matching(keys: pa.Table, rows: pa.Table) -> pa.Table:
@@ -239,7 +251,7 @@ def compact_cache(cache_dir: str, items: pa.Table, model: str = DEFAULT_MODEL, n
     found, _ = cache.split(item_keys(items))
     cache.write_part(found)  # before removing anything: a crash leaves duplicates, never a loss
     for p in old:
-        cache.fs.rm(p)
+        remove_owned(p, cache.root, cache.fs, created=is_part)
     return found.num_rows
 
 
@@ -324,6 +336,7 @@ def encode_items_ray(items: pa.Table, cfg: TextEncodeConfig | None = None, where
             concurrency=cfg.num_actors, batch_size=rows_per_task, batch_format="pyarrow",
             num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
         )
+        cache.claim()
         tmp = f"{cache.root}/.ray-{uuid.uuid4().hex[:8]}"
         out.write_parquet(f"{cache.fs.unstrip_protocol(tmp)}")
         try:
@@ -331,7 +344,7 @@ def encode_items_ray(items: pa.Table, cfg: TextEncodeConfig | None = None, where
                 if p.endswith(".parquet"):
                     with cache.fs.open(p, "rb") as f:
                         new.append(pq.read_table(f))
-                    cache.fs.mv(p, f"{cache.root}/part-{uuid.uuid4().hex}.parquet")
+                    cache.fs.mv(p, f"{cache.root}/{part_name()}")
         finally:
             if cache.fs.exists(tmp):
                 cache.fs.rm(tmp, recursive=True)

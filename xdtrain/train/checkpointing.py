@@ -17,14 +17,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
-from xdtrain.jobrunner import write_json_atomic
+from xdtrain.outputs import (
+    MARKER,
+    AtomicFile,
+    remove_owned,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 ENGINE_FILE = "engine.json"
 DENSE_FILE = "dense.safetensors"
@@ -84,31 +92,22 @@ class EngineState:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_rank0(directory: str | Path, state: EngineState, model: torch.nn.Module,
                optimizer: torch.optim.Optimizer) -> None:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = d / f".{DENSE_FILE}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / DENSE_FILE)
-    tmp = d / f".{OPTIM_FILE}.tmp"
-    torch.save(optimizer.state_dict(), tmp)
-    os.replace(tmp, d / OPTIM_FILE)
-    _atomic_write(d / ENGINE_FILE, state.to_json().encode())
+    write_bytes_atomic(d / DENSE_FILE, save_safetensors(tensors))
+    with AtomicFile(d / OPTIM_FILE) as f:
+        torch.save(optimizer.state_dict(), f)
+    write_text_atomic(d / ENGINE_FILE, state.to_json())
 
 
 def save_cursor(directory: str | Path, rank: int, cursors: dict[str, dict]) -> None:
     """One rank's reader cursor of every stream."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(d / cursor_file(rank), json.dumps({"streams": cursors}).encode())
+    write_text_atomic(d / cursor_file(rank), json.dumps({"streams": cursors}))
 
 
 def load_state(directory: str | Path) -> EngineState:
@@ -154,18 +153,31 @@ def latest_checkpoint(run_storage: str | Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
-def prune(run_storage: str | Path, keep: int, protect: set[str]) -> list[str]:
-    """Delete all but the newest `keep` checkpoint directories, never one named in `protect` (the best).
+_NAME = re.compile(r"checkpoint_\d{9}_a\d{3}")  # checkpoint_name's pattern
+_LAYOUT = re.compile("|".join([*(re.escape(n) for n in (ENGINE_FILE, DENSE_FILE, OPTIM_FILE, PS_DIR, MARKER)),
+                               r"cursor-rank\d+\.json", r"\..+\.tmp-.+"]))  # the engine's files, temporaries
 
-    The engine prunes itself instead of Ray Train's `num_to_keep`: Ray's retention deleted the same
-    directory twice after elastic restarts (and then failed the run), and it cannot know that the PS
-    state lives inside the directory too.
+
+def is_engine_checkpoint(path: str | Path) -> bool:
+    """A folder the engine wrote: named by `checkpoint_name`, holding nothing but the engine's files
+    (a complete checkpoint, or the part a crash left). Anything else is someone else's and is kept."""
+    p = Path(path)
+    return bool(_NAME.fullmatch(p.name)) and p.is_dir() and all(_LAYOUT.fullmatch(e) for e in os.listdir(p))
+
+
+def prune(run_storage: str | Path, keep: int, protect: set[str]) -> list[str]:
+    """Delete all but the newest `keep` engine checkpoints, never one named in `protect` (the best).
+
+    Only folders the engine wrote are counted or deleted (`is_engine_checkpoint`), and only inside
+    an xdtrain-owned run directory (`remove_owned`). The engine prunes itself instead of Ray Train's
+    `num_to_keep`: Ray's retention deleted the same directory twice after elastic restarts (and then
+    failed the run), and it cannot know that the PS state lives inside the directory too.
     """
     root = Path(run_storage)
-    dirs = sorted(p for p in root.glob("checkpoint_*") if p.is_dir())
+    dirs = sorted(p for p in root.glob("checkpoint_*") if is_engine_checkpoint(p))
     doomed = [p for p in dirs[: max(0, len(dirs) - keep)] if p.name not in protect]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_owned(p, root, created=is_engine_checkpoint)
     return [p.name for p in doomed]
 
 

@@ -101,6 +101,7 @@ class EvalSection:
 @dataclass
 class EngineConfig:
     run_dir: str = "runs/pretrain"
+    overwrite: bool = False  # write into an existing non-empty run_dir that xdtrain did not create
     resume_from: str = ""  # a checkpoint dir; "" = resume automatically if run_dir holds an unfinished run
     init_from: str = ""  # finetune: start dense + PS from this checkpoint, fresh optimizer and data cursor
     export_embeddings: bool = True  # write PS tables as Parquet (id, vector) under run_dir/embeddings

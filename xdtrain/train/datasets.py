@@ -17,7 +17,6 @@ default the train domains), for `eval.groups`.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from xdtrain.data.splits import leave_one_out
 from xdtrain.eval.candidates import EvalSet
 from xdtrain.models import ModelData
 from xdtrain.models.prerec_data import unseen_flags
+from xdtrain.outputs import AtomicFile
 from xdtrain.train.config import DataConfig
 from xdtrain.train.reference import leave_one_out_data
 
@@ -100,11 +100,8 @@ def _keep_domains(inter: pa.Table, domains: list[str], key: str) -> pa.Table:
 def write_table(table: pa.Table, url: str, rows_per_group: int = 1 << 20) -> str:
     """Write `table` as one Parquet file of `rows_per_group`-row groups under folder `url`, atomically."""
     path = Path(url)
-    path.mkdir(parents=True, exist_ok=True)
-    final = path / "part-00000.parquet"
-    tmp = path / f".part-00000.parquet.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, row_group_size=max(1, rows_per_group))
-    os.replace(tmp, final)
+    with AtomicFile(path / "part-00000.parquet") as f:
+        pq.write_table(table, f, row_group_size=max(1, rows_per_group))
     return str(path)
 
 

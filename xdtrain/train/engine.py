@@ -27,8 +27,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from xdtrain.config import ConfigError, to_dict
-from xdtrain.jobrunner import write_json_atomic
 from xdtrain.models import build_model, model_config
+from xdtrain.outputs import claim_output_dir, write_json_atomic
 from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import EngineConfig
@@ -150,14 +150,13 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
 def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     """The pretrain job (see the module docstring); returns the summary written to metrics.json."""
     _check(cfg)
-    with RayLog(cfg.run_dir, cfg.verbose) as log:
-        return _train(cfg, log, faults)
+    run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)  # before anything is written
+    with RayLog(run_dir, cfg.verbose) as log:
+        return _train(cfg, run_dir, log, faults)
 
 
-def _train(cfg: EngineConfig, log: RayLog, faults: dict | None) -> dict:
+def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -> dict:
     t0 = time.time()
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     connect_ray(cfg, log)
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
@@ -252,8 +251,7 @@ def run_evaluate(cfg: EngineConfig) -> dict:
         raise ConfigError("evaluate: set init_from=<checkpoint directory>")
     src = Path(cfg.init_from).resolve()
     state = ck.load_state(src)
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)
     with RayLog(run_dir, cfg.verbose) as log:
         if cfg.ps.backend == "ray":
             connect_ray(cfg, log)

@@ -24,7 +24,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from xdtrain.jobrunner import write_json_atomic
+from xdtrain.outputs import write_json_atomic
 
 
 @ray.remote(num_cpus=0)

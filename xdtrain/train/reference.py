@@ -16,7 +16,6 @@ a dataset, splits it leave-one-out, trains, restores the best checkpoint and rep
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -41,6 +41,7 @@ from xdtrain.eval.evaluator import EvalConfig as RankEvalConfig
 from xdtrain.nn import BERT4Rec, GRU4Rec, SASRec
 from xdtrain.nn.batches import add_negatives, batch_order, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
+from xdtrain.outputs import claim_output_dir, write_bytes_atomic
 
 # ---------------------------------------------------------------- configs
 
@@ -94,6 +95,7 @@ class EvalConfig:
 @dataclass
 class ReferenceConfig:
     run_dir: str = "runs/reference"
+    overwrite: bool = False  # write into an existing non-empty run_dir that xdtrain did not create
     init_checkpoint: str = ""  # safetensors to start from; with train.epochs=0 the job only evaluates it
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,11 +169,8 @@ class Recommender(nn.Module):
 
 def save_checkpoint(model: nn.Module, path: str | Path) -> None:
     """state_dict as safetensors, written to a temporary name then renamed (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_bytes_atomic(path, save_safetensors(tensors))
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
@@ -360,7 +359,7 @@ class Evaluation:
 
 def run_reference(cfg: ReferenceConfig) -> dict:
     """The train-reference job: load, split, train with early stopping, test the best checkpoint."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)
     t0 = time.time()
     data = load_leave_one_out(cfg.data)
     print(f"data: {data.stats} ({time.time() - t0:.1f}s)")

@@ -1,7 +1,7 @@
 """`generate_world`: write a whole synthetic world (data + planted ground truth) to a URL.
 
-Layout under the output URL (written to `<out>.partial`, renamed to `<out>` at the end, with
-`world.json` written last):
+Layout under the output URL (built in a hidden staging folder beside `<out>`, swapped in at the
+end, with `world.json` written last):
 
   interactions/  user_id, item_id, domain, timestamp, label   (CANONICAL + label)
   items/         item_id, domain, text, topic
@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from xdtrain.config import ConfigError, to_dict
+from xdtrain.config import to_dict
 from xdtrain.data.schemas import CANONICAL
+from xdtrain.outputs import StagedDir, write_json_atomic
 
 from .config import WorldConfig, validate
 from .graph import Entities, build_entities, entity_block, link_block, triplet_block
@@ -32,7 +33,7 @@ from .interactions import iter_blocks
 from .latents import World, build_world
 from .text import domain_vocab, item_text, topic_vocab
 from .vocab import TOPICS
-from .writer import ParquetSink, write_json, write_table
+from .writer import ParquetSink, write_table
 
 ITEM_BLOCK = 1 << 16  # items per text/link random stream (part of the world's identity)
 ENTITY_BLOCK = 1 << 18
@@ -248,49 +249,47 @@ def _truth_scalars(world: World, graph_stats: dict) -> dict[str, Any]:
 
 
 def generate_world(cfg: WorldConfig, out_url: str, progress: bool = True) -> dict:
-    """Generate the world described by `cfg` under `out_url`; returns counts, paths and timings."""
+    """Generate the world described by `cfg` under `out_url`; returns counts, paths and timings.
+
+    The world is built in a hidden staging folder beside `out_url` and swapped in at the end. An
+    existing world is replaced only with `output.overwrite=true` and only if xdtrain wrote it; a
+    folder of someone else's is refused before any work, whatever the flag.
+    """
     validate(cfg)
-    fs, root = fsspec.core.url_to_fs(out_url)
-    root = root.rstrip("/")
-    if fs.exists(root) and fs.ls(root):
-        if not cfg.output.overwrite:
-            raise ConfigError(f"key 'out': {out_url} already exists (output.overwrite=true replaces it)")
-    stage = root + ".partial"
-    if fs.exists(stage):
-        fs.rm(stage, recursive=True)
-    out, timings, t0 = _Out(fs, stage, cfg), {}, time.time()
+    fs, _ = fsspec.core.url_to_fs(out_url)
+    with StagedDir(out_url, "out", replace=cfg.output.overwrite, replace_key="output.overwrite") as staged:
+        stage = staged.path
+        out, timings, t0 = _Out(fs, stage, cfg), {}, time.time()
 
-    def lap(name: str) -> None:
-        nonlocal t0
-        timings[name] = round(time.time() - t0, 3)
-        t0 = time.time()
+        def lap(name: str) -> None:
+            nonlocal t0
+            timings[name] = round(time.time() - t0, 3)
+            t0 = time.time()
 
-    world = build_world(cfg)
-    ent = build_entities(world)
-    lap("build_world")
-    files = _write_items(world, out, progress)
-    lap("items")
-    graph_files, graph_stats = _write_graph(world, ent, out, progress)
-    files.update(graph_files)
-    lap("graph")
-    user_files, user_stats = _write_users(world, out, progress)
-    files.update(user_files)
-    lap("users")
-    files.update(_write_popularity(world, out))
-    write_json(fs, f"{stage}/ground_truth/ground_truth.json", _truth_scalars(world, graph_stats))
-    lap("ground_truth")
+        world = build_world(cfg)
+        ent = build_entities(world)
+        lap("build_world")
+        files = _write_items(world, out, progress)
+        lap("items")
+        graph_files, graph_stats = _write_graph(world, ent, out, progress)
+        files.update(graph_files)
+        lap("graph")
+        user_files, user_stats = _write_users(world, out, progress)
+        files.update(user_files)
+        lap("users")
+        files.update(_write_popularity(world, out))
+        write_json_atomic(f"{stage}/ground_truth/ground_truth.json", _truth_scalars(world, graph_stats), fs)
+        lap("ground_truth")
 
-    counts = {"n_users": cfg.users.n_users, "n_items": world.n_items, "n_entities": cfg.graph.n_entities,
-              **user_stats, **graph_stats}
-    rel = {k: [p[len(stage) + 1:] for p in v] for k, v in files.items()}
-    config = dict(to_dict(cfg), out=out_url)
-    write_json(fs, f"{stage}/world.json", {"generator": "xdtrain.data.synthetic", "version": 1,
-                                           "config": config, "counts": counts, "files": rel})
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    fs.mv(stage, root, recursive=True)
+        counts = {"n_users": cfg.users.n_users, "n_items": world.n_items, "n_entities": cfg.graph.n_entities,
+                  **user_stats, **graph_stats}
+        rel = {k: [p[len(stage) + 1:] for p in v] for k, v in files.items()}
+        config = dict(to_dict(cfg), out=out_url)
+        write_json_atomic(f"{stage}/world.json", {"generator": "xdtrain.data.synthetic", "version": 1,
+                                                  "config": config, "counts": counts, "files": rel}, fs)
+    root = staged.out
     lap("publish")
-    size = sum(fs.du(f"{root}/{d}") for d in ("interactions", "triplets")) if fs.exists(root) else 0
+    size = sum(fs.du(f"{root}/{d}") for d in ("interactions", "triplets"))
     return {"out": out_url, "counts": counts, "files": rel, "timings_s": timings,
             "bytes_interactions_triplets": int(size)}
 

@@ -8,11 +8,12 @@ depend on the file or row-group sizes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from xdtrain.outputs import AtomicFile
 
 
 class ParquetSink:
@@ -59,47 +60,20 @@ class ParquetSink:
             if self._file_rows >= self.rows_per_file:
                 self._finish_file()
 
-    def _paths(self, index: int) -> tuple[str, str]:
-        name = f"part-{index:05d}.parquet"
-        return f"{self.dir}/{name}", f"{self.dir}/.{name}.tmp"
-
     def _open_file(self) -> None:
-        _, tmp = self._paths(len(self.files))
-        self._handle = self.fs.open(tmp, "wb")
-        self._writer = pq.ParquetWriter(self._handle, self.schema, compression=self.compression)
+        self._handle = AtomicFile(f"{self.dir}/part-{len(self.files):05d}.parquet", self.fs)
+        self._writer = pq.ParquetWriter(self._handle.file, self.schema, compression=self.compression)
         self._file_rows = 0
 
     def _finish_file(self) -> None:
         self._writer.close()
-        self._handle.close()
-        final, tmp = self._paths(len(self.files))
-        self.fs.mv(tmp, final)
-        self.files.append(final)
+        self._handle.commit()
+        self.files.append(f"{self.dir}/part-{len(self.files):05d}.parquet")
         self._writer = self._handle = None
         self._file_rows = 0
 
 
 def write_table(fs, path: str, columns: dict[str, Any], schema: pa.Schema, compression: str = "zstd") -> None:
     """A small single-file table, written to a temporary name and renamed."""
-    parent, name = path.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.{name}.tmp"
-    with fs.open(tmp, "wb") as f:
+    with AtomicFile(path, fs) as f:
         pq.write_table(pa.Table.from_pydict(columns, schema=schema), f, compression=compression)
-    fs.mv(tmp, path)
-
-
-def write_json(fs, path: str, obj: Any) -> None:
-    parent, name = path.rsplit("/", 1)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.{name}.tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True, default=_plain))
-    fs.mv(tmp, path)
-
-
-def _plain(x: Any) -> Any:
-    """numpy scalars/arrays -> Python, for JSON."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
