@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from xdtrain.data.schemas import DataError
+from xdtrain.ps.checkpoint import url_to_fs as url_to_fs  # re-exported to graph/
 
 FORMAT = "xdtrain-entity-graph"
 FORMAT_VERSION = 1
@@ -37,11 +38,6 @@ MANIFEST = "graph.json"
 ARRAYS = ("indptr", "indices", "eids", "node_ids", "etype_offsets",
           "link_items", "link_offsets", "link_nodes")
 INT32_MAX = np.iinfo(np.int32).max
-
-
-def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -79,7 +79,7 @@ class ParquetSink:
         self._file_rows = 0
 
 
-def write_table(fs, path: str, columns: dict[str, Any], schema: pa.Schema, compression: str = "zstd") -> None:
+def write_small_table(fs, path: str, columns: dict[str, Any], schema: pa.Schema, compression: str = "zstd") -> None:
     """A small single-file table, written to a temporary name and renamed."""
     parent, name = path.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)
