@@ -179,8 +179,10 @@ class Split:
             if not has_history.all():
                 self.stats[f"{part}_rows_without_history"] = int((~has_history).sum())
             if not has_history.any():
+                hint = ("check data.split_ratios / data.split_times" if recipe in ("chronological", "user")
+                        else "leave-one-out evaluates users with 3 interactions or more")
                 raise DataError(f"{self.name}: recipe {recipe!r} leaves no {part} rows with a history "
-                                f"({len(targets)} target(s)); check data.split_ratios / data.split_times")
+                                f"({len(targets)} target(s)); {hint}")
             rows = target_rows(self.rows, self.start, targets[has_history], max_history)
             out.append(EvalSet(rows, self.catalogue, counts, name=f"{self.name} {part}"))
         return out[0], out[1]
