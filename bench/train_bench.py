@@ -32,23 +32,23 @@ MODEL = {"d": 50, "max_len": 200, "layers": 2, "heads": 1, "dropout": 0.2}
 
 
 def phase_reference(args) -> dict:
-    from xdtrain.train.reference import (
-        DataConfig,
+    from xdtrain.nn import make_backbone
+    from xdtrain.reference.trainer import (
         ModelConfig,
         Recommender,
+        ReferenceDataConfig,
         TrainConfig,
-        fit,
+        fit_reference,
         load_leave_one_out,
-        make_backbone,
     )
 
-    data = load_leave_one_out(DataConfig(dataset=args.dataset))
+    data = load_leave_one_out(ReferenceDataConfig(dataset=args.dataset))
     mcfg = ModelConfig(backbone="sasrec", **MODEL)
     tcfg = TrainConfig(loss="bce", batch_size=args.batch_size, epochs=args.epochs, bucket=1, threads=1,
                        progress=False, eval_every=args.epochs + 1)
     model = Recommender(make_backbone(mcfg), len(data.item_ids), mcfg.d, mcfg.init_std, mcfg.max_len)
     with tempfile.TemporaryDirectory() as tmp:
-        res = fit(model, data.train_seqs, lambda m: {"x": 0.0}, tcfg, mcfg, tmp, "x", log=lambda s: None)
+        res = fit_reference(model, data.train_seqs, lambda m: {"x": 0.0}, tcfg, mcfg, tmp, "x", log=lambda s: None)
     return {"samples_per_s": res.samples_per_s, "train_seconds": res.train_seconds}
 
 

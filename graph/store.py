@@ -24,12 +24,12 @@ import warnings
 from dataclasses import dataclass, field
 
 import dgl
-import fsspec
 import numpy as np
 import torch
 
 from xdtrain.data.schemas import DataError
 from xdtrain.outputs import AtomicFile, StagedDir, is_local, write_json_atomic
+from xdtrain.ps.checkpoint import url_to_fs as url_to_fs  # re-exported to graph/
 
 FORMAT = "xdtrain-entity-graph"
 FORMAT_VERSION = 1
@@ -39,9 +39,6 @@ ARRAYS = ("indptr", "indices", "eids", "node_ids", "etype_offsets",
 INT32_MAX = np.iinfo(np.int32).max
 
 
-def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/")
 
 
 def id_dtype(num_nodes: int, num_edges: int) -> np.dtype:

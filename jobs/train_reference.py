@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from xdtrain.jobrunner import job_main
-from xdtrain.train.reference import ReferenceConfig, run_reference
+from xdtrain.reference.trainer import ReferenceConfig, run_reference
 
 
 def main(argv: list[str] | None = None) -> int:

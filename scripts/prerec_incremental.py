@@ -107,7 +107,7 @@ def collect(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def incremental_table(rows: list[dict]) -> str:
     keys = [k for k in rows[0] if "@" in k]
     lines = ["| method | N (train samples) | " + " | ".join(keys) + " | steps (best) | stop |",
              "|---|---|" + "---|" * len(keys) + "---|---|"]
@@ -176,7 +176,7 @@ def main() -> None:
         run_all(args)
     rows = collect(args)
     (Path(args.out) / "results.json").write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    print(incremental_table(rows))
     plot(rows, Path(args.plot))
     print(f"plot: {args.plot}")
 

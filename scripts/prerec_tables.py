@@ -55,7 +55,7 @@ def row(label: str, per_seed: list[dict[str, dict]], names: list[str], group_key
     return f"| {label} | {n} | " + " | ".join(cells) + " |"
 
 
-def table(exp: Path, setting: str, seeds: list[int], title: str, baselines: bool = True) -> list[str]:
+def results_table(exp: Path, setting: str, seeds: list[int], title: str, baselines: bool = True) -> list[str]:
     runs = {m: [groups(exp / f"{setting}_{m}_s{s}") for s in seeds] for m in MODELS}
     first = runs["prerec"][0]
     names = metric_names(first[SCORER]["all"])
@@ -88,10 +88,10 @@ def main() -> None:
     ap.add_argument("exp", type=Path, help="the experiment folder (runs/prerec_pct)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a = ap.parse_args()
-    lines = table(a.exp, "zs", a.seeds, "held-out markets zip3 + zip8, zero-shot")
-    lines += table(a.exp, "ft", a.seeds, "held-out markets zip3 + zip8, fine-tuned")
-    lines += table(a.exp, "zs100k", a.seeds, "ML-100K as a new platform, zero-shot")
-    lines += table(a.exp, "pre", a.seeds, "source markets (the pre-training runs' own test)")
+    lines = results_table(a.exp, "zs", a.seeds, "held-out markets zip3 + zip8, zero-shot")
+    lines += results_table(a.exp, "ft", a.seeds, "held-out markets zip3 + zip8, fine-tuned")
+    lines += results_table(a.exp, "zs100k", a.seeds, "ML-100K as a new platform, zero-shot")
+    lines += results_table(a.exp, "pre", a.seeds, "source markets (the pre-training runs' own test)")
     print("\n".join(lines))
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex, PopularityScorer, days_of
+from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex, WindowPopularityScorer, days_of
 from xdtrain.data.schemas import DataError
 
 DAY = 86400
@@ -177,5 +177,6 @@ def test_pop_scorer_ranks_by_window_count():
 
     t = pa.table({"item_id": [1, 1, 2, 3, 3, 3], "domain": ["x"] * 6, "timestamp": np.array([0, 1, 1, 5, 5, 5]) * DAY})
     pop = PopularityIndex.from_table(t, PopFactorsConfig(alignment="sliding", window_days=3))
-    s = PopularityScorer(pop)({"timestamp": torch.tensor([2 * DAY, 6 * DAY])}, torch.tensor([1, 2, 3]), domain="x")
+    s = WindowPopularityScorer(pop)({"timestamp": torch.tensor([2 * DAY, 6 * DAY])}, torch.tensor([1, 2, 3]),
+                                    domain="x")
     assert s.tolist() == [[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]]

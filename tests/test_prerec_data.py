@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 from scipy import stats
 
+from xdtrain.data.evalrows import unseen_flags
 from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex
 from xdtrain.data.schemas import DataError
 from xdtrain.data.splits import assign_users
@@ -16,7 +17,6 @@ from xdtrain.models.prerec_data import (
     domain_balanced_indices,
     eval_rows,
     first_samples,
-    unseen_flags,
 )
 from xdtrain.text.cache import ItemVectors
 

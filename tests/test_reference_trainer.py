@@ -11,17 +11,17 @@ import torch
 
 from xdtrain.config import load_config
 from xdtrain.eval.candidates import EvalSet
+from xdtrain.nn import make_backbone
 from xdtrain.nn.batches import add_negatives, batch_order, cloze_batch, next_item_batch, pad_right
-from xdtrain.train.reference import (
-    EvalConfig,
+from xdtrain.reference.trainer import (
     Evaluation,
     ModelConfig,
     Recommender,
     ReferenceConfig,
+    ReferenceEvalConfig,
     TrainConfig,
-    fit,
+    fit_reference,
     load_checkpoint,
-    make_backbone,
     save_checkpoint,
 )
 
@@ -104,12 +104,12 @@ def train_planted(backbone: str, loss: str, run_dir: Path, epochs: int = 12) -> 
     mcfg = ModelConfig(backbone=backbone, d=16, max_len=12, layers=1, heads=1, dropout=0.0, mask_prob=0.3)
     torch.manual_seed(0)
     model = Recommender(make_backbone(mcfg), V, mcfg.d, init_std=0.1, max_len=mcfg.max_len)
-    validate = Evaluation(evalset, item_ids, EvalConfig(candidates=["full"], ks=[1, 5]))
+    validate = Evaluation(evalset, item_ids, ReferenceEvalConfig(candidates=["full"], ks=[1, 5]))
     # patience 2: stop soon after a plateau (HR@1 reaches 1.0 on this world); one thread: tiny ops,
     # and two threads spin badly against other jobs on a shared machine
     tcfg = TrainConfig(loss=loss, negatives=4, lr=1e-2, batch_size=32, epochs=epochs, eval_every=2,
                        patience=2, threads=1, progress=False)
-    result = fit(model, train, validate, tcfg, mcfg, run_dir, "full/hr@1", log=lambda s: None)
+    result = fit_reference(model, train, validate, tcfg, mcfg, run_dir, "full/hr@1", log=lambda s: None)
     return result.best_metrics, [h["loss"] for h in result.history]
 
 
@@ -146,7 +146,7 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path):
         return {"score": next(scripted)}
 
     cfg = TrainConfig(epochs=10, patience=3, progress=False, batch_size=16)
-    result = fit(model, train, validate, cfg, mcfg, tmp_path, monitor="score", log=lambda s: None)
+    result = fit_reference(model, train, validate, cfg, mcfg, tmp_path, monitor="score", log=lambda s: None)
     assert (result.best_epoch, result.epochs_run, result.stop_reason) == (2, 5, "early stopping")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, snapshots[1][k])
@@ -165,7 +165,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_time_budget_stops_after_one_batch(tmp_path):
     model, train, mcfg = small_model()
     cfg = TrainConfig(epochs=50, max_minutes=1e-9, progress=False, batch_size=16)
-    result = fit(model, train, lambda m: {"score": 0.0}, cfg, mcfg, tmp_path, "score", log=lambda s: None)
+    result = fit_reference(model, train, lambda m: {"score": 0.0}, cfg, mcfg, tmp_path, "score", log=lambda s: None)
     assert (result.epochs_run, result.stop_reason) == (1, "time budget")
 
 

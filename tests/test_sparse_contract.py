@@ -9,10 +9,11 @@ import torch
 
 from xdtrain.models import ModelData, build_model
 from xdtrain.models.seqrec import SeqRec, SeqRecConfig
+from xdtrain.nn import make_backbone
 from xdtrain.nn.sparse import PAD_ID, Rows, pull_rows, push_grads
 from xdtrain.ps import LocalPS, OptimizerSpec, TableSpec
-from xdtrain.train.reference import ModelConfig as RefModelConfig
-from xdtrain.train.reference import Recommender, make_backbone
+from xdtrain.reference.trainer import ModelConfig as RefModelConfig
+from xdtrain.reference.trainer import Recommender
 
 
 def test_rows_lookup_gradients_equal_an_embedding_table():

@@ -25,7 +25,7 @@ JOBS: dict[str, tuple[str, str, str, str]] = {
                  "test a checkpoint (init_from=...) against the baselines"),
     "build-graph": ("graph.build", "GraphBuildConfig", "run_build_graph",
                     "build a DGL entity graph from triplet Parquet (saved for later jobs)"),
-    "train-reference": ("xdtrain.train.reference", "ReferenceConfig", "run_reference",
+    "train-reference": ("xdtrain.reference.trainer", "ReferenceConfig", "run_reference",
                         "train a backbone single-process with local tables (the correctness baseline)"),
 }
 

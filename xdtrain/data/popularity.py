@@ -321,9 +321,10 @@ def _check_batch(batch: pa.RecordBatch | pa.Table, where: str) -> None:
         raise DataError(f"{where}: column 'timestamp' has type {t}, expected unix seconds (int or float)")
 
 
-class PopularityScorer:
-    """The POP baseline as an evaluator Scorer: the window count before the row's day
-    (eval rows need a `timestamp` column; paper App. B: "the last 15 days")."""
+class WindowPopularityScorer:
+    """PreRec's windowed POP baseline as an evaluator Scorer: the window count before the row's day
+    (eval rows need a `timestamp` column; paper App. B: "the last 15 days"). The plain POP of every
+    results table (train counts) is `xdtrain.eval.baselines.PopularityScorer`."""
 
     def __init__(self, index: PopularityIndex, timestamp_column: str = "timestamp"):
         self.index, self.col = index, timestamp_column

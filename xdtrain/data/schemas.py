@@ -21,7 +21,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Column:
     name: str
-    kinds: tuple[str, ...]  # any of "id", "int", "float", "string", "domain"
+    kinds: tuple[str, ...]  # any of "id", "int", "float", "bool", "string", "domain", "int_list"
     required: bool = True
     nullable: bool = False
 
@@ -59,6 +59,16 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("items", ("int_list",)),
         Column("timestamps", ("int_list",), required=False),
     ),
+    # Flat training rows that keep their feedback (`xdtrain.data.recipes`, stream "labelled"):
+    # label (1 = positive, 0 = shown but not chosen, or a rating), observed (the row's user is observed).
+    "labelled": (
+        Column("user_id", ("id",)),
+        Column("item_id", ("id",)),
+        Column("domain", ("domain",)),
+        Column("timestamp", ("int", "float")),
+        Column("label", ("int", "float")),
+        Column("observed", ("bool",)),
+    ),
 }
 
 # The schema the generators and loaders write (ids as int64; string ids are also accepted on read).
@@ -87,6 +97,8 @@ def _kind_ok(dtype: pa.DataType, kinds: tuple[str, ...]) -> bool:
         if k == "int" and is_int:
             return True
         if k == "float" and pa.types.is_floating(dtype):
+            return True
+        if k == "bool" and pa.types.is_boolean(dtype):
             return True
         if k == "string" and (is_str or is_dict_str):
             return True

@@ -175,7 +175,15 @@ def first_samples(seqs: pa.Table, n_samples: int, seed: int | None = None, where
 # ---------------------------------------------------------------- writing without half-written outputs
 
 
-def write_parquet(table: pa.Table, path: str | Path) -> None:
-    """Write one Parquet file under a temporary name, then rename it into place."""
+def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None = None) -> None:
+    """Write one Parquet file (row groups of `row_group_size` rows; None = Arrow's default) under a
+    temporary name, then rename it into place."""
     with AtomicFile(path) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, row_group_size=row_group_size)
+
+
+def write_dataset(table: pa.Table, url: str | Path, rows_per_group: int = 1 << 20) -> str:
+    """`table` as a one-file Parquet dataset under folder `url` (row groups of `rows_per_group` rows:
+    the unit the streaming reader shards by), written atomically; returns the folder."""
+    write_parquet(table, Path(url) / "part-00000.parquet", row_group_size=max(1, rows_per_group))
+    return str(Path(url))

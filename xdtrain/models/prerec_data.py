@@ -32,6 +32,7 @@ from torch import Tensor
 from xdtrain.data.popularity import PopularityIndex, days_of
 from xdtrain.data.schemas import DataError
 from xdtrain.data.sequences import first_samples as first_samples  # re-exported: incremental fine-tuning
+from xdtrain.data.splits import splitmix64
 from xdtrain.text.cache import ItemVectors
 
 _MASK63 = np.uint64((1 << 63) - 1)
@@ -40,19 +41,11 @@ _MASK63 = np.uint64((1 << 63) - 1)
 # ---------------------------------------------------------------- ids of the offset table
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def offset_keys(domain: str, item_ids: np.ndarray) -> np.ndarray:
     """PS ids of the per-(domain, item) offsets eps^v: the same item id in two domains is two rows."""
     salt = np.uint64(int.from_bytes(hashlib.blake2b(str(domain).encode(), digest_size=8).digest(), "little"))
     ids = np.asarray(item_ids, dtype=np.int64).view(np.uint64)
-    return (_mix(ids ^ _mix(np.array([salt]))) & _MASK63).astype(np.int64)
+    return (splitmix64(ids ^ splitmix64(np.array([salt]))) & _MASK63).astype(np.int64)
 
 
 # ---------------------------------------------------------------- list columns
@@ -221,14 +214,6 @@ def eval_rows(seqs: pa.Table, max_len: int, last_only: bool = False) -> pa.Table
             pa.list_(pa.int64())),
         "timestamp": pa.array(stamps[tpos].astype(np.int64), pa.int64()),
     })
-
-
-def unseen_flags(rows: pa.Table, source_users: np.ndarray, source_items: np.ndarray) -> np.ndarray:
-    """The paper's "unseen" test samples (code `get_many`): the user is no source-domain user AND the
-    target item is in no source catalogue (raw ids matched across domains; history not checked)."""
-    users = np.asarray(rows.column("user_id").to_numpy(), dtype=np.int64)
-    items = np.asarray(rows.column("item_id").to_numpy(), dtype=np.int64)
-    return ~np.isin(users, np.asarray(source_users, np.int64)) & ~np.isin(items, np.asarray(source_items, np.int64))
 
 
 # ---------------------------------------------------------------- rows from the engine

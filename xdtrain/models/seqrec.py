@@ -2,7 +2,7 @@
 BERT4Rec) over one user's time-ordered items from every domain, with the item table in the PS.
 
 It is the engine's reference model: the same backbone, batches and losses as the single-process
-`xdtrain.train.reference.Recommender`, but items are raw int64 ids whose embeddings are pulled
+`xdtrain.reference.trainer.Recommender`, but items are raw int64 ids whose embeddings are pulled
 from the PS table `item` (PAD_ID = -1 pads), so the engine run can be checked against the
 reference run on the same data (README, "engine vs reference").
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from xdtrain.eval.evaluator import EmbeddingScorer
-from xdtrain.nn import BERT4Rec, GRU4Rec, SASRec
+from xdtrain.nn import BERT4Rec, make_backbone
 from xdtrain.nn.batches import add_negatives, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
 from xdtrain.nn.sparse import PAD_ID, Pull, Rows
@@ -48,14 +48,6 @@ class SeqRecConfig:
     item_lr: float = 1e-3
     item_beta1: float = 0.9  # the reference trainer's Adam betas
     item_beta2: float = 0.98
-
-
-def make_backbone(cfg: SeqRecConfig) -> nn.Module:
-    if cfg.backbone == "sasrec":
-        return SASRec(cfg.d, cfg.max_len, cfg.layers, cfg.heads, cfg.dropout)
-    if cfg.backbone == "bert4rec":
-        return BERT4Rec(cfg.d, cfg.max_len, cfg.layers, cfg.heads, cfg.dropout)
-    return GRU4Rec(cfg.d, layers=cfg.layers, dropout=cfg.dropout)
 
 
 class SeqRec(nn.Module):

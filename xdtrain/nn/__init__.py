@@ -21,9 +21,32 @@ Padding convention for the whole project: RIGHT padding. Row b holds its (most r
 Results at real positions are therefore identical whatever the amount of padding (tested).
 """
 
+from typing import Protocol
+
+from torch import nn
+
 from xdtrain.nn.bert4rec import BERT4Rec
 from xdtrain.nn.gru4rec import GRU4Rec
 from xdtrain.nn.layers import last_state
 from xdtrain.nn.sasrec import SASRec
 
-__all__ = ["BERT4Rec", "GRU4Rec", "SASRec", "last_state"]
+__all__ = ["BERT4Rec", "BackboneConfig", "GRU4Rec", "SASRec", "last_state", "make_backbone"]
+
+
+class BackboneConfig(Protocol):
+    """What `make_backbone` reads from a model config (SeqRec's, the reference trainer's)."""
+
+    backbone: str  # sasrec | gru4rec | bert4rec
+    d: int
+    max_len: int
+    layers: int
+    heads: int
+    dropout: float
+
+
+def make_backbone(cfg: BackboneConfig) -> nn.Module:
+    if cfg.backbone == "sasrec":
+        return SASRec(cfg.d, cfg.max_len, cfg.layers, cfg.heads, cfg.dropout)
+    if cfg.backbone == "bert4rec":
+        return BERT4Rec(cfg.d, cfg.max_len, cfg.layers, cfg.heads, cfg.dropout)
+    return GRU4Rec(cfg.d, layers=cfg.layers, dropout=cfg.dropout)

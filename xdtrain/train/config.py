@@ -33,6 +33,14 @@ class DataConfig:
     source_domains: list[str] = field(default_factory=list)  # empty = train_domains (or all)
     rows_per_group: int = 256  # users per Parquet row group of the training sequences (the shard unit)
     max_train_samples: int = 0  # keep the first N next-item train samples (incremental fine-tuning; 0 = all)
+    # The data recipe (xdtrain/data/recipes.py): the split, and the training streams written from it.
+    recipe: str = "leave_one_out"  # leave_one_out | leave_one_out_domain | chronological | user
+    streams: list[str] = field(default_factory=lambda: ["train"])  # of: train, labelled, items
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # chronological (no times), user
+    split_times: list[float] = field(default_factory=list)  # chronological: cut times [t1, t2]
+    split_seed: int = 0  # user: seed of the user hash
+    max_history: int = 0  # eval rows keep the last N history items (0 = all)
+    flat_rows_per_group: int = 65536  # rows per Parquet row group of the labelled and items streams
 
 
 @dataclass

@@ -104,7 +104,7 @@ def scaling(cfg: EngineConfig) -> ScalingConfig:
 
 def stream_datasets(data: PreparedData) -> dict[str, tuple[str, str]]:
     """Dataset name -> (URL, reader table kind) of every prepared dataset a stream may read."""
-    return {"train": (data.train_url, "sequences")}
+    return {name: (url, data.stream_tables[name]) for name, url in data.streams.items()}
 
 
 def fit(cfg: EngineConfig, data: PreparedData, ps, ps_init: str, board, init_dense: str = "",

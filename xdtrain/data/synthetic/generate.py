@@ -33,7 +33,7 @@ from .interactions import iter_blocks
 from .latents import World, build_world
 from .text import domain_vocab, item_text, topic_vocab
 from .vocab import TOPICS
-from .writer import ParquetSink, write_table
+from .writer import ParquetSink, write_small_table
 
 ITEM_BLOCK = 1 << 16  # items per text/link random stream (part of the world's identity)
 ENTITY_BLOCK = 1 << 18
@@ -208,7 +208,7 @@ def _write_popularity(world: World, out: _Out) -> dict:
                         conformity=world.logpop[d, keep]))
     path = f"{out.root}/ground_truth/popularity_norm.parquet"
     K = len(names)
-    write_table(out.fs, path, dict(domain=_strings(np.tile(np.arange(K), D), names),
+    write_small_table(out.fs, path, dict(domain=_strings(np.tile(np.arange(K), D), names),
                                    day=np.repeat(np.arange(D, dtype=np.int32), K), norm=world.norm.ravel()),
                 pa.schema([("domain", pa.string()), ("day", pa.int32()), ("norm", pa.float64())]))
     return {"gt_popularity": sink.close(), "gt_popularity_norm": [path]}

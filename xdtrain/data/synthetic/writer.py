@@ -73,7 +73,7 @@ class ParquetSink:
         self._file_rows = 0
 
 
-def write_table(fs, path: str, columns: dict[str, Any], schema: pa.Schema, compression: str = "zstd") -> None:
+def write_small_table(fs, path: str, columns: dict[str, Any], schema: pa.Schema, compression: str = "zstd") -> None:
     """A small single-file table, written to a temporary name and renamed."""
     with AtomicFile(path, fs) as f:
         pq.write_table(pa.Table.from_pydict(columns, schema=schema), f, compression=compression)

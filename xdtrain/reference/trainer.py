@@ -5,12 +5,13 @@ the speed baseline (samples/s) its benchmark compares against. The engine reuses
 `xdtrain.nn.batches` (padded batches, Cloze masking, negatives) and `xdtrain.nn.losses.sequence_loss`.
 
     model = Recommender(make_backbone(cfg.model), num_items, cfg.model.d, max_len=cfg.model.max_len)
-    result = fit(model, train_seqs, validate, cfg.train, cfg.model, run_dir, monitor)  # early stopping
+    result = fit_reference(model, train_seqs, validate, cfg.train, cfg.model, run_dir, monitor)  # early stopping
 
 `validate(model) -> {metric: value}` is any callable; `Evaluation` wraps the project evaluator.
 
 `run_reference` is the job (`python -m jobs.train_reference --config configs/ml1m_sasrec.yaml`): it loads
-a dataset, splits it leave-one-out, trains, restores the best checkpoint and reports test metrics.
+a dataset, splits it leave-one-out (the engine's default data recipe, `xdtrain.data.recipes`), trains,
+restores the best checkpoint and reports test metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
@@ -32,13 +32,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from xdtrain.data.movielens import MovieLensConfig, prepare
-from xdtrain.data.schemas import DataError
-from xdtrain.data.sequences import build_sequences
-from xdtrain.data.splits import leave_one_out
-from xdtrain.eval.candidates import EvalSet, count_items, prepare_candidates
-from xdtrain.eval.evaluator import EmbeddingScorer, evaluate
-from xdtrain.eval.evaluator import EvalConfig as RankEvalConfig
-from xdtrain.nn import BERT4Rec, GRU4Rec, SASRec
+from xdtrain.data.recipes import RecipeConfig, split_interactions
+from xdtrain.eval.candidates import EvalSet, prepare_candidates
+from xdtrain.eval.evaluator import EmbeddingScorer, EvalConfig, evaluate
+from xdtrain.nn import BERT4Rec, make_backbone
 from xdtrain.nn.batches import add_negatives, batch_order, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
 from xdtrain.outputs import claim_output_dir, write_bytes_atomic
@@ -77,14 +74,14 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class ReferenceDataConfig:
     dataset: str = "ml-1m"
     min_rating: float = 0.0  # ratings >= this are positives (0 = every rating, the SASRec/BERT4Rec protocol)
     k_core: int = 5
 
 
 @dataclass
-class EvalConfig:
+class ReferenceEvalConfig:
     candidates: list[str] = field(default_factory=lambda: ["uniform:100", "full"])
     ks: list[int] = field(default_factory=lambda: [10])
     monitor: str = "ndcg@10"  # early-stopping metric (evaluator name), on the first candidate mode
@@ -97,21 +94,13 @@ class ReferenceConfig:
     run_dir: str = "runs/reference"
     overwrite: bool = False  # write into an existing non-empty run_dir that xdtrain did not create
     init_checkpoint: str = ""  # safetensors to start from; with train.epochs=0 the job only evaluates it
-    data: DataConfig = field(default_factory=DataConfig)
+    data: ReferenceDataConfig = field(default_factory=ReferenceDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: ReferenceEvalConfig = field(default_factory=ReferenceEvalConfig)
 
 
 # ---------------------------------------------------------------- model
-
-
-def make_backbone(cfg: ModelConfig) -> nn.Module:
-    if cfg.backbone == "sasrec":
-        return SASRec(cfg.d, cfg.max_len, cfg.layers, cfg.heads, cfg.dropout)
-    if cfg.backbone == "bert4rec":
-        return BERT4Rec(cfg.d, cfg.max_len, cfg.layers, cfg.heads, cfg.dropout)
-    return GRU4Rec(cfg.d, layers=cfg.layers, dropout=cfg.dropout)
 
 
 class Recommender(nn.Module):
@@ -209,9 +198,9 @@ def make_batch(model: Recommender, seqs: Sequence[np.ndarray], cfg: TrainConfig,
 Validate = Callable[[Recommender], dict[str, float]]
 
 
-def fit(model: Recommender, train_seqs: Sequence[np.ndarray], validate: Validate, cfg: TrainConfig,
-        mcfg: ModelConfig, run_dir: str | Path, monitor: str = "NDCG@10",
-        log: Callable[[str], None] = print) -> FitResult:
+def fit_reference(model: Recommender, train_seqs: Sequence[np.ndarray], validate: Validate, cfg: TrainConfig,
+                  mcfg: ModelConfig, run_dir: str | Path, monitor: str = "NDCG@10",
+                  log: Callable[[str], None] = print) -> FitResult:
     """Train with Adam, validating every `eval_every` epochs; keep the best state on disk; stop on patience,
     `epochs`, or the `max_minutes` budget. The model ends holding the best checkpoint's weights."""
     if cfg.threads:
@@ -289,7 +278,7 @@ class LeaveOneOutData:
     sequences: pa.Table | None = None  # train sequences with raw ids (user_id, items, timestamps)
 
 
-def load_leave_one_out(cfg: DataConfig) -> LeaveOneOutData:
+def load_leave_one_out(cfg: ReferenceDataConfig) -> LeaveOneOutData:
     """MovieLens -> implicit feedback, k-core -> leave-one-out (SASRec / BERT4Rec protocol)."""
     data = prepare(MovieLensConfig(dataset=cfg.dataset, min_rating=cfg.min_rating, k_core=cfg.k_core))
     return leave_one_out_data(data.interactions, cfg.dataset)
@@ -297,49 +286,27 @@ def load_leave_one_out(cfg: DataConfig) -> LeaveOneOutData:
 
 def leave_one_out_data(interactions: pa.Table, name: str,
                        per_domain_catalogue: bool = False) -> LeaveOneOutData:
-    """Canonical interactions -> one time-ordered sequence per user -> leave-one-out train/valid/test.
-    With `per_domain_catalogue`, a target is ranked only against items of its own domain."""
-    parts = leave_one_out(interactions)
-    seqs = build_sequences(parts["train"], extra_columns=[], by_domain=False)
-    item_ids = np.unique(interactions["item_id"].to_numpy())
-    users = seqs["user_id"].to_numpy()
-    hist = [np.asarray(s, dtype=np.int64) for s in seqs["items"].to_pylist()]
-    train_seqs = [np.searchsorted(item_ids, h) + 1 for h in hist]
-    domains = pc.unique(interactions["domain"]).to_pylist()
-    if per_domain_catalogue:
-        dom = interactions["domain"]
-        catalogue = {
-            d: np.unique(interactions.filter(pc.equal(dom, d))["item_id"].to_numpy()) for d in domains
-        }
-    else:
-        catalogue = {d: item_ids for d in domains}
-    counts = count_items(parts["train"], catalogue)  # for popularity:N candidates (BERT4Rec's protocol)
-
-    def eval_rows(part: pa.Table, history: list[np.ndarray]) -> pa.Table:
-        part = part.sort_by("user_id")
-        if not np.array_equal(part["user_id"].to_numpy(), users):
-            raise DataError(f"{name}: leave-one-out users differ from the train users")
-        return pa.table({"user_id": part["user_id"], "item_id": part["item_id"], "domain": part["domain"],
-                         "history": pa.array(history, pa.list_(pa.int64()))})
-
-    valid_rows = eval_rows(parts["valid"], hist)
-    valid_items = valid_rows["item_id"].to_numpy()
-    test_rows = eval_rows(parts["test"], [np.append(h, v) for h, v in zip(hist, valid_items)])
-    stats = {"users": len(users), "items": len(item_ids), "interactions": interactions.num_rows,
-             "train_interactions": parts["train"].num_rows}
-    valid = EvalSet(valid_rows, catalogue, counts, name=f"{name} valid")
-    test = EvalSet(test_rows, catalogue, counts, name=f"{name} test")
-    return LeaveOneOutData(item_ids, train_seqs, valid, test, stats, seqs)
+    """Canonical interactions -> one time-ordered sequence per user -> leave-one-out train/valid/test
+    (the engine's `leave_one_out` recipe, in memory). With `per_domain_catalogue`, a target is ranked
+    only against items of its own domain."""
+    split = split_interactions(interactions, RecipeConfig(per_domain_catalogue=per_domain_catalogue), name)
+    seqs = split.train_sequences(with_domains=False)
+    train_seqs = [np.searchsorted(split.item_ids, np.asarray(h, dtype=np.int64)) + 1
+                  for h in seqs["items"].to_pylist()]
+    valid, test = (EvalSet(s.rows.select(["user_id", "item_id", "domain", "history"]), s.catalogue, s.item_counts,
+                           name=s.name) for s in split.eval_sets())
+    stats = {k: split.stats[k] for k in ("users", "items", "interactions", "train_interactions")}
+    return LeaveOneOutData(split.item_ids, train_seqs, valid, test, stats, seqs)
 
 
 class Evaluation:
     """Scores a Recommender on one EvalSet under several candidate modes; sampled candidates are drawn
     once, so every validation ranks the same negatives. Results are flat: {"uniform:100/ndcg@10": ...}."""
 
-    def __init__(self, data: EvalSet, item_ids: np.ndarray, cfg: EvalConfig):
+    def __init__(self, data: EvalSet, item_ids: np.ndarray, cfg: ReferenceEvalConfig):
         self.data, self.item_ids = data, torch.as_tensor(item_ids)
         self.configs = [
-            RankEvalConfig(candidates=c, ks=list(cfg.ks), seed=cfg.seed, user_batch=cfg.batch_size)
+            EvalConfig(candidates=c, ks=list(cfg.ks), seed=cfg.seed, user_batch=cfg.batch_size)
             for c in cfg.candidates
         ]
         self.candidates = [prepare_candidates(data, c.spec()) for c in self.configs]
@@ -371,7 +338,7 @@ def run_reference(cfg: ReferenceConfig) -> dict:
     if cfg.init_checkpoint:
         load_checkpoint(model, cfg.init_checkpoint)
     monitor = f"{cfg.eval.candidates[0]}/{cfg.eval.monitor}"
-    result = fit(model, data.train_seqs, valid, cfg.train, cfg.model, run_dir, monitor)
+    result = fit_reference(model, data.train_seqs, valid, cfg.train, cfg.model, run_dir, monitor)
     t1 = time.perf_counter()
     test_metrics = test(model)
     return {
