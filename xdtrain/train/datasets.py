@@ -64,7 +64,8 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> tuple[pa.Table, str, di
             world = str(run_dir / "world")
             if not (Path(world) / "world.json").exists():
                 wcfg = load_config(WorldConfig, cfg.world_config, ["output.overwrite=true", f"out={world}"])
-                generate_world(wcfg, world, progress=True)
+                print(f"[xdtrain] generating the synthetic world ({cfg.world_config}) into {world}", flush=True)
+                generate_world(wcfg, world, progress=False)
         inter = _read_parquet(f"{world}/interactions", optional)
         tables = {k: f"{world}/{k}" for k in ("interactions", "items", "users", "entities", "triplets", "links")}
         return inter, f"synthetic world {world}", tables

@@ -46,10 +46,6 @@ from xdtrain.train.evaluation import RankingEval
 from xdtrain.train.optimizers import OptimizerSet, broadcast_dense
 from xdtrain.train.streams import Dataset, Stream, accepts, seed_of
 
-# Checkpoints without a validation rank below every validated one, newer above older (finite and
-# distinct: Ray saves scores as JSON, and equal scores confused its retention of old checkpoints).
-NO_SCORE = -1e9
-
 
 @dataclass
 class Pending:
@@ -349,9 +345,7 @@ class Worker:
             ck.save_cursor(tmp, self.rank, self._cursors())
             if self.rank == 0:
                 ck.save_rank0(tmp, self.state, self.model, self.optimizers)
-            score = (metrics or {}).get(self.valid.monitor) if self.valid is not None else None
-            report = {"step": self.state.step, "epoch": self.state.epoch,
-                      "score": float(score) if score is not None else NO_SCORE + self.state.step, **(metrics or {})}
+            report = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
             ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
