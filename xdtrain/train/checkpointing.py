@@ -4,6 +4,7 @@
       engine.json          step, epoch, world size, best validation so far, PS location   (rank 0)
       dense.safetensors    the model's dense state_dict                                   (rank 0)
       optimizer.pt         the dense optimizer's state (tensors only: loaded weights_only)  (rank 0)
+      optimizer-params.json  the names of its parameters, by group (kept state across a new model)
       cursor-rank{r}.json  each worker's streaming-reader cursor                          (every rank)
       ps/                  every PS shard: rows, optimizer state, id map; manifest last     (the shards)
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from xdtrain.config import ConfigError
 from xdtrain.jobrunner import write_json_atomic
 
 ENGINE_FILE = "engine.json"
@@ -87,10 +89,39 @@ def save_rank0(directory: str | Path, state: EngineState, model: torch.nn.Module
     tmp = d / f".{DENSE_FILE}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, d / DENSE_FILE)
-    tmp = d / f".{OPTIM_FILE}.tmp"
-    torch.save(optimizer.state_dict(), tmp)
-    os.replace(tmp, d / OPTIM_FILE)
+    save_optimizer(d, optimizer, model)
     _atomic_write(d / ENGINE_FILE, state.to_json().encode())
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
+    """The model's name of every parameter the optimizer holds, by param group."""
+    names = {id(p): n for n, p in _unwrap(model).named_parameters()}
+    out = []
+    for g in optimizer.param_groups:
+        missing = [tuple(p.shape) for p in g["params"] if id(p) not in names]
+        if missing:
+            raise ValueError(f"optimizer holds parameters of shapes {missing[:3]} that are not the model's")
+        out.append([names[id(p)] for p in g["params"]])
+    return out
+
+
+def _names_file(file: str) -> str:
+    return f"{Path(file).stem}-params.json"
+
+
+def save_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                   file: str = OPTIM_FILE) -> None:
+    """The optimizer's state as `file`, with its parameters' names beside it (so a transfer to a
+    model with more or fewer modules can keep the state of the parameters both have)."""
+    d = Path(directory)
+    tmp = d / f".{file}.tmp"
+    torch.save(optimizer.state_dict(), tmp)
+    os.replace(tmp, d / file)
+    _atomic_write(d / _names_file(file), json.dumps(param_names(optimizer, model)).encode())
 
 
 def save_cursor(directory: str | Path, rank: int, cursor: dict) -> None:
@@ -107,12 +138,90 @@ def load_state(directory: str | Path) -> EngineState:
 
 
 def load_dense(directory: str | Path, model: torch.nn.Module) -> None:
-    """The dense weights (safetensors: no pickle); every key must match the model."""
+    """The dense weights (safetensors: no pickle); every key must match the model (resume)."""
     model.load_state_dict(load_file(str(Path(directory) / DENSE_FILE)))
 
 
-def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(torch.load(Path(directory) / OPTIM_FILE, weights_only=True))
+def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer, file: str = OPTIM_FILE) -> None:
+    """The optimizer's whole state (resume: the same model and parameter groups)."""
+    optimizer.load_state_dict(torch.load(Path(directory) / file, weights_only=True))
+
+
+@dataclass
+class TransferReport:
+    """What a partial restore did, by key (dense state entry, parameter, or PS table): `loaded` from
+    the checkpoint; `new`: the model's, not in the checkpoint (left at their init); `dropped`: the
+    checkpoint's, not in the model; `imported`: PS tables filled from Parquet."""
+
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    imported: list[str] = field(default_factory=list)
+
+    def line(self, what: str) -> str:
+        def few(keys: list[str]) -> str:
+            return f" {keys[:4]}{' ...' if len(keys) > 4 else ''}" if keys else ""
+
+        parts = [f"{len(self.loaded)} loaded", f"{len(self.new)} new{few(self.new)}",
+                 f"{len(self.dropped)} dropped{few(self.dropped)}"]
+        if self.imported:
+            parts.append(f"{len(self.imported)} imported{few(self.imported)}")
+        return f"{what}: " + ", ".join(parts)
+
+
+def load_dense_partial(directory: str | Path, model: torch.nn.Module) -> TransferReport:
+    """Transfer: load every dense entry the checkpoint and the model both have; the model's other
+    entries (new heads) keep their init. ConfigError, naming the key and both shapes, when a
+    shared entry changed shape."""
+    path = Path(directory) / DENSE_FILE
+    saved = load_file(str(path))
+    own = model.state_dict()
+    shared = [k for k in own if k in saved]
+    for k in shared:
+        if tuple(saved[k].shape) != tuple(own[k].shape):
+            raise ConfigError(f"{path}: dense key {k!r} has shape {tuple(saved[k].shape)} in the checkpoint, "
+                              f"{tuple(own[k].shape)} in the model")
+    model.load_state_dict({k: saved[k] for k in shared}, strict=False)
+    return TransferReport(loaded=shared, new=[k for k in own if k not in saved],
+                          dropped=[k for k in saved if k not in own])
+
+
+def load_optimizer_partial(directory: str | Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                           file: str = OPTIM_FILE) -> TransferReport:
+    """Transfer with kept optimizer state: each of the optimizer's parameters takes the saved state
+    of the parameter of the same name (new parameters start fresh); its hyper-parameters (lr,
+    betas, weight decay) stay the current ones. A checkpoint without the names file is matched by
+    position, only when its parameter groups have the same sizes."""
+    path = Path(directory) / file
+    saved = torch.load(path, weights_only=True)
+    names = param_names(optimizer, model)
+    names_path = path.with_name(_names_file(file))
+    if names_path.exists():
+        saved_names = json.loads(names_path.read_text())
+    elif [len(g["params"]) for g in saved["param_groups"]] == [len(n) for n in names]:
+        saved_names = names
+    else:
+        raise ConfigError(f"{path}: cannot keep its optimizer state for this model: no {names_path.name} to "
+                          "match parameters by name, and the parameter groups differ (use fresh)")
+    by_name = {n: saved["state"][i] for g, ns in zip(saved["param_groups"], saved_names)
+               for i, n in zip(g["params"], ns) if i in saved["state"]}
+    current = optimizer.state_dict()
+    state, report = {}, TransferReport()
+    for group, cur, ns in zip(optimizer.param_groups, current["param_groups"], names):
+        for p, i, n in zip(group["params"], cur["params"], ns):
+            if n not in by_name:
+                report.new.append(n)
+                continue
+            for key, v in by_name[n].items():
+                if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                    raise ConfigError(f"{path}: optimizer state {key!r} of {n!r} has shape {tuple(v.shape)}, "
+                                      f"the parameter {tuple(p.shape)}")
+            state[i] = by_name[n]
+            report.loaded.append(n)
+    report.dropped = [n for n in by_name if n not in set(report.loaded)]
+    current["state"] = state
+    optimizer.load_state_dict(current)
+    return report
 
 
 def load_cursors(directory: str | Path, world_size: int) -> list[dict]:
