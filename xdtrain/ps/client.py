@@ -395,23 +395,24 @@ class PSClient(Router):
                 )
             self.metrics.event("recovered_without_replay")
             return
-        calls = []
-        for kind, table, step, ids, g in self._log:
-            if kind == "evict":
-                calls.append(self._call(k, "evict", table, step))
-                continue
-            if kind == "lr_scale":
-                calls.append(self._call(k, "set_lr_scale", table, g))
-                continue
-            if kind == "import":  # re-read from its source: only shard k's rows, after what came before
-                self._fetch(calls)
-                self._import_rows(table, g, step, shard=k, wait=self._fetch)
-                continue
-            sel = np.flatnonzero(self.slot_map.shard_of(ids) == k)
-            if len(sel):
-                calls += self._submit_all([self._push_call(k, table, ids, g, sel, step)])
+        calls: list[Call] = []
+        waited = 0  # calls[:waited] have finished
         try:
-            self._fetch(calls)  # a failure here is a second crash: let it surface
+            for kind, table, step, ids, g in self._log:
+                if kind == "import":  # re-read from its source: only shard k's rows
+                    self._fetch(calls[waited:])
+                    waited = len(calls)
+                    self._import_rows(table, g, step, shard=k, wait=self._fetch)
+                elif kind in ("evict", "lr_scale"):  # Ray calls: a later channel push must not overtake them
+                    args = (table, step) if kind == "evict" else (table, g)
+                    calls.append(self._call(k, "evict" if kind == "evict" else "set_lr_scale", *args))
+                    self._fetch(calls[waited:])
+                    waited = len(calls)
+                else:
+                    sel = np.flatnonzero(self.slot_map.shard_of(ids) == k)
+                    if len(sel):
+                        calls += self._submit_all([self._push_call(k, table, ids, g, sel, step)])
+            self._fetch(calls[waited:])  # a failure here is a second crash: let it surface
         finally:
             for c in calls:
                 self._release(c)
