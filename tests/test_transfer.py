@@ -164,7 +164,8 @@ def test_dense_shape_change_names_the_key_and_both_shapes(pretrained):
     d, *_ = pretrained
     catalogue, _ = _data()
     wider = SeqRec(SeqRecConfig(d=12, max_len=10, layers=1, heads=1, dropout=0.0), catalogue)
-    with pytest.raises(ConfigError, match=r"dense key '.+' has shape \(.*8.*\) in the checkpoint, \(.*12.*\) in the model"):
+    shapes = r"dense key '.+' has shape \(.*8.*\) in the checkpoint, \(.*12.*\) in the model"
+    with pytest.raises(ConfigError, match=shapes):
         ck.load_dense_partial(d, wider)
 
 
