@@ -228,7 +228,8 @@ def run_finetune(cfg: EngineConfig) -> dict:
 
 
 def run_evaluate(cfg: EngineConfig) -> dict:
-    """`python -m jobs.evaluate --config ... init_from=<checkpoint>`: test a checkpoint, no training."""
+    """`python -m jobs.evaluate --config ... init_from=<checkpoint>`: test a checkpoint, no training
+    (loaded as a finetune would start from it: `transfer:` applies)."""
     if not cfg.init_from:
         raise ConfigError("evaluate: set init_from=<checkpoint directory>")
     src = Path(cfg.init_from).resolve()
@@ -239,10 +240,13 @@ def run_evaluate(cfg: EngineConfig) -> dict:
         connect_ray(cfg)
     data = prepare_data(cfg.data, run_dir, min_groups=1)
     model = build_model(cfg.model, data.model_data, cfg.train.seed)
-    ck.load_dense(src, model)
+    # the model a finetune from this checkpoint would start from (cfg.transfer): modules and tables
+    # the checkpoint lacks are at their init, and the report says which
+    transfer = {"dense": ck.load_dense_partial(src, model).line("dense")}
     ps = make_ps(cfg, run_dir.name)
-    ps.restore(ck.ps_url(src))
+    transfer["ps"] = transfer_ps(ps, ck.ps_url(src), model.sparse_tables(), cfg.transfer).line("PS tables")
+    print(f"[xdtrain] init_from {src.name}: {transfer['dense']}; {transfer['ps']}")
     t0 = time.time()
     tests = run_tests(cfg, data, model, ps, run_dir)
     return {"run_dir": str(run_dir), "checkpoint": str(src), "checkpoint_step": state.step, **summarize_tests(tests),
-            "test_seconds": round(time.time() - t0, 1), "data": data.stats}
+            "test_seconds": round(time.time() - t0, 1), "data": data.stats, "transfer": transfer}
