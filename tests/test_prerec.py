@@ -296,3 +296,26 @@ def test_empty_history_reads_the_domain_prior(world):
                             model.D, F)
     torch.testing.assert_close(scores[0], want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(scores[0], scores[1])
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_exported_vectors_rank_as_the_scorer_without_popularity(world, variant):
+    """export(): U_i . V_j from the exported tables is the scorer's logit up to a per-domain constant
+    (D_k W_d) when the popularity term is off; items of every domain are exported, keyed by domain."""
+    from xdtrain.eval.evaluator import user_batch
+    from xdtrain.eval.exported import export_scorer
+
+    model = _model(world, variant, use_popularity=False)
+    ps = _ps(model)
+    _train(model, ps, _rows(world))
+    ev = eval_rows(_rows(world), 6, last_only=True)
+    tables = model.export(ps.pull, ev)
+    assert set(tables["item"]["domain"].to_pylist()) == {"a", "b", "t"}
+    assert tables["user"].num_rows == ev.num_rows
+    mine, theirs = export_scorer(tables["user"], tables["item"]), model.scorer(ev, ps.pull)
+    doms = np.asarray(ev["domain"].to_pylist())
+    for d in ("a", "b"):
+        users = user_batch(ev, np.flatnonzero(doms == d))
+        items = torch.as_tensor(DOMAINS[d])
+        gap = theirs(users, items, domain=d) - mine(users, items, domain=d)
+        torch.testing.assert_close(gap, gap[:1, :1].expand_as(gap), atol=1e-5, rtol=0)

@@ -111,9 +111,9 @@ class _Columns:
         return {k: v.to(device) for k, v in out.items()}
 
 
-def user_batch(data: EvalSet, idx: np.ndarray, device: str = "cpu") -> dict[str, Tensor]:
-    """The `users` argument a scorer gets for eval rows `idx`."""
-    return _Columns(data.rows).batch(np.asarray(idx), device)
+def user_batch(data: EvalSet | pa.Table, idx: np.ndarray, device: str = "cpu") -> dict[str, Tensor]:
+    """The `users` argument a scorer gets for eval rows `idx` (of an EvalSet, or of any rows table)."""
+    return _Columns(data.rows if isinstance(data, EvalSet) else data).batch(np.asarray(idx), device)
 
 
 # ---------------------------------------------------------------- calling the scorer

@@ -45,6 +45,8 @@ from torch import Tensor, nn
 
 from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex, days_of
 from xdtrain.data.schemas import DataError
+from xdtrain.eval.evaluator import user_batch
+from xdtrain.eval.exported import vector_table
 from xdtrain.models.prerec_data import (
     build_batch,
     chunk_sequences,
@@ -272,6 +274,38 @@ class PreRec(nn.Module):
     def scorer(self, rows: pa.Table, pull: Pull) -> PreRecScorer:
         return PreRecScorer(self, rows, pull)
 
+    # ------------------------------------------------------------ engine contract: export
+
+    def export(self, pull: Pull, users: pa.Table | None = None, batch_size: int = 256) -> dict[str, pa.Table]:
+        """"item": V_j of every (domain, item) of the text catalogue (m_j + eps^v_j, + D_k in the paper
+        variant), keyed by (id, domain); with `users` (eval rows: user_id, domain, history[, timestamp])
+        "user": each row's U_i, keyed by (user_id, domain). U_i^T V_j is the scorer's logit without the
+        popularity term (it depends on the day) and the constant D_k W_d (it does not rank)."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                items = [vector_table(self.text.catalogue(d), item_vectors(self, d, pull)["base"], domain=d)
+                         for d in sorted(self.text.domains)]
+                out = {"item": pa.concat_tables(items)}
+                if users is not None:
+                    out["user"] = self._export_users(users, pull, batch_size)
+        finally:
+            self.train(was)
+        return out
+
+    def _export_users(self, users: pa.Table, pull: Pull, batch_size: int) -> pa.Table:
+        scorer = PreRecScorer(self, users, pull)
+        doms = np.asarray(pc.cast(users.column("domain"), pa.string()).to_pylist(), dtype=object)
+        uids = np.asarray(users.column("user_id").to_numpy(), dtype=np.int64)
+        parts = []
+        for d in sorted(set(doms.tolist())):
+            idx = np.flatnonzero(doms == d)
+            vecs = [scorer.user_vectors(user_batch(users, idx[i : i + batch_size]), d)
+                    for i in range(0, len(idx), batch_size)]
+            parts.append(vector_table(uids[idx], torch.cat(vecs), domain=d))
+        return pa.concat_tables(parts)
+
 
 class PreRecScorer:
     """Scores eval rows (columns: history, timestamp; see `prerec_data.eval_rows`) for the evaluator.
@@ -300,21 +334,19 @@ class PreRecScorer:
         self._cache: tuple | None = None
 
     def _item_tables(self, domain: str, pull: Pull) -> dict:
-        model, cfg = self.model, self.cfg
-        if cfg.use_popularity and domain not in model.popularity.domains:
+        if self.cfg.use_popularity and domain not in self.model.popularity.domains:
             raise ValueError(f"PreRec scorer: no popularity counts for domain '{domain}' (attach its index)")
-        ids = model.text.catalogue(domain)
-        m = model.f_nn(torch.from_numpy(model.text.vectors(domain)))
-        known = domain in model.domains and cfg.inference == "auto"
-        eps = pull(OFFSETS, offset_keys(domain, ids)).to(m.dtype) if known and cfg.use_offsets else None
-        D = model.D if known and cfg.use_domain else None
-        k = torch.tensor([model.domains.index(domain) if known else 0])
-        base = m if eps is None else m + eps  # the candidates' m_j + eps^v_j
-        const = torch.zeros(())
-        if D is not None and cfg.variant == "paper":
-            base = base + D[k]  # V_j includes D_k ...
-            const = (D[k] @ model.W_d)[0]  # ... and the logit D_k W_d (neither changes a ranking)
-        return dict(m=m, eps=eps, D=D, k=k, base=base, const=const)
+        return item_vectors(self.model, domain, pull)
+
+    def user_vectors(self, users: dict[str, Tensor], domain: str) -> Tensor:
+        """U_i of a user batch (`user_batch` of the rows this scorer was built on) of one domain."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self._users(users, domain, self.tables[domain])
+        finally:
+            self.model.train(was)
 
     def _users(self, users: dict[str, Tensor], domain: str, t: dict) -> Tensor:
         key = (domain, users["row"].cpu().numpy().tobytes())
@@ -383,6 +415,23 @@ class PreRecScorer:
             Z = model.f_pop(torch.from_numpy(pop.factors(domain, it, day)))
             out[r] = Z.squeeze(-1)[None, :] if self.cfg.variant == "code" else u[r] @ Z.T + (Z @ model.W_z)[None, :]
         return out
+
+
+def item_vectors(model: PreRec, domain: str, pull: Pull) -> dict:
+    """A domain's item tower: m, eps, D, k, base = V_j (m_j + eps^v_j [+ D_k]), const = D_k W_d."""
+    cfg = model.cfg
+    ids = model.text.catalogue(domain)
+    m = model.f_nn(torch.from_numpy(model.text.vectors(domain)))
+    known = domain in model.domains and cfg.inference == "auto"
+    eps = pull(OFFSETS, offset_keys(domain, ids)).to(m.dtype) if known and cfg.use_offsets else None
+    D = model.D if known and cfg.use_domain else None
+    k = torch.tensor([model.domains.index(domain) if known else 0])
+    base = m if eps is None else m + eps  # the candidates' m_j + eps^v_j
+    const = torch.zeros(())
+    if D is not None and cfg.variant == "paper":
+        base = base + D[k]  # V_j includes D_k ...
+        const = (D[k] @ model.W_d)[0]  # ... and the logit D_k W_d (neither changes a ranking)
+    return dict(m=m, eps=eps, D=D, k=k, base=base, const=const)
 
 
 def load_item_vectors(cfg: PreRecConfig, data) -> ItemVectors:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from xdtrain.eval.evaluator import EmbeddingScorer
+from xdtrain.eval.exported import vector_table
 from xdtrain.nn import BERT4Rec, make_backbone
 from xdtrain.nn.batches import add_negatives, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
@@ -157,3 +158,17 @@ class SeqRec(nn.Module):
         items = pull(ITEM_TABLE, self.item_ids)
         return EmbeddingScorer(torch.arange(rows.num_rows), users, torch.from_numpy(self.item_ids), items,
                                key="row")
+
+    # ---- contract: export -----------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, pull: Pull, users: pa.Table | None = None) -> dict[str, pa.Table]:
+        """"item": the catalogue's rows; with `users` (rows with user_id, history[, domain]) "user":
+        each row's user vector, the backbone's last hidden state over its history (what `scorer`
+        scores with), keyed by user_id (and domain when the rows have one)."""
+        out = {"item": vector_table(self.item_ids, pull(ITEM_TABLE, self.item_ids))}
+        if users is not None:
+            vecs = self.user_vectors([np.asarray(h, dtype=np.int64) for h in users["history"].to_pylist()], pull)
+            out["user"] = vector_table(users["user_id"].to_numpy(), vecs)
+            if "domain" in users.column_names:
+                out["user"] = out["user"].append_column("domain", users["domain"].cast(pa.string()))
+        return out

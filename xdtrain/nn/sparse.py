@@ -10,6 +10,11 @@ engine (`xdtrain/train/`) knows models only through it:
         def sparse_ids(self, batch) -> dict[str, Tensor]   # table -> every raw id this batch touches
         def forward(self, batch, emb: dict[str, Rows]) -> Tensor   # the scalar training loss
         def scorer(self, rows: pa.Table, pull: Pull) -> Scorer     # evaluation (xdtrain.eval Scorer)
+        def export(self, pull: Pull, users: pa.Table | None = None) -> dict[str, pa.Table]   # optional
+            # named vector tables (xdtrain.eval.exported.vector_table: id, vector[, domain]), e.g.
+            # "item", and "user" for `users` rows (user_id, history, ...) when the model can compute
+            # them. The engine writes each under run_dir/embeddings/<name>-step<N>/ (else it exports
+            # the raw PS tables); `xdtrain.eval.exported.export_scorer` scores eval rows from them.
 
 A model may also declare a training program (several streams, optimizers and phases; named
 losses; `forward(batch, emb, step=...)`, `make_batch(rows, rng, stream=...)`): see
@@ -30,7 +35,7 @@ Ids are raw int64 (strings are hashed once at ingestion); the PS admits unseen i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -151,3 +156,12 @@ class SparseModel(Protocol):
     def __call__(self, batch: dict[str, Tensor], emb: dict[str, Rows]) -> Tensor: ...
 
     def scorer(self, rows: Any, pull: Pull) -> Any: ...
+
+
+
+@runtime_checkable
+class Exports(Protocol):
+    """The optional `export` hook of a SparseModel (see the module docstring): a model offers it
+    when `isinstance(model, Exports)`."""
+
+    def export(self, pull: Pull, users: Any = None) -> dict[str, Any]: ...

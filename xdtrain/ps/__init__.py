@@ -9,6 +9,9 @@
     r = ps.route(np.unique(ids))             # ahead of time (batch builder): grouped by shard
     emb = ps.pull("item", r)                 # rows in r.ids order: no dedup, routing or scatter
     ps.checkpoint("s3://bucket/run/ps")      # restore onto any shard count: PSClient.from_checkpoint
+    ps.restore(url, tables=["item"], optimizer_state=False)  # partial: other declared tables start empty
+    ps.import_table("item", "s3://bucket/emb/item")          # rows from Parquet (id, vector), e.g. an export
+    ps.set_lr_scale("item", 0.1)             # lr x 0.1 on every push until changed (kept in checkpoints)
 
 `PSClient` is imported lazily so that the in-process backend does not import Ray.
 """

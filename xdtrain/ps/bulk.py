@@ -1,7 +1,9 @@
-"""Whole-table operations of a PS client: checkpoint, restore, elastic resharding, export.
+"""Whole-table operations of a PS client: checkpoint, (partial) restore, elastic resharding,
+export and import.
 
 A mixin of `Router` (xdtrain/ps/router.py), which supplies the calls to shards (`_call`,
-`_wait`, `_all`), `flush`, the table specs and steps, and the hooks `_on_commit`/`_record`.
+`_wait`, `_all`), `flush`, the table specs, steps and lr scales, and the hooks
+`_on_commit`/`_on_control`/`_record`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from xdtrain.outputs import claim_output_dir
 from xdtrain.ps import checkpoint as ckpt
-from xdtrain.ps.export import write_export_manifest
+from xdtrain.ps.export import read_vectors, write_export_manifest
 from xdtrain.ps.table import TableSpec
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ class WholeTableOps:
             "slot_map": self.slot_map.to_dict(),
             "tables": {name: spec.to_dict() for name, spec in self._specs.items()},
             "steps": dict(self._step),
+            "lr_scale": dict(self._lr_scale),
             "shards": [{"dir": subdirs[k], "tables": infos[k]} for k in range(self.num_shards)],
         }
         path = ckpt.write_manifest(url, manifest)
@@ -56,13 +59,21 @@ class WholeTableOps:
         self._record("checkpoint", "*", rows, 0, time.perf_counter() - t0)
         return path
 
-    def restore(self, url: str) -> None:
+    def restore(self, url: str, tables: list[str] | None = None, optimizer_state: bool = True) -> None:
         """Load the checkpoint at `url` onto the current shards (any shard count).
+
+        Afterwards the PS holds `tables` (default: every table of the checkpoint) with the
+        checkpoint's rows, and every other table declared with `create_table` empty (fresh from
+        its spec): a partial restore keeps some tables and starts others new. A restored table
+        takes its declared spec when there is one (the new config's lr, ttl), else the
+        checkpoint's. `optimizer_state=False` drops the per-row optimizer state (and lr scale) of
+        the restored rows: they continue with fresh moments, as for a new task.
 
         Other copies of a PSClient on the same shards (e.g. in Ray Train workers) read the
         restored rows at once; each must call `checkpoint_committed(url)`, so that a later shard
         recovery does not replay its pushes from before the restore, and must not rely on rows it
-        prefetched before it.
+        prefetched before it. After a partial restore (or an import), write a checkpoint before
+        handing the PS to other clients: they only know whole checkpoints.
         """
         manifest = ckpt.read_manifest(url)
         if manifest["num_slots"] != self.slot_map.num_slots:
@@ -70,13 +81,15 @@ class WholeTableOps:
                 f"{url}: checkpoint has {manifest['num_slots']} virtual slots, "
                 f"this client {self.slot_map.num_slots}"
             )
+        plan = ckpt.restore_plan(manifest, self._specs, tables, optimizer_state, url)
         self.flush()
         self._drop_prefetches()
         t0 = time.perf_counter()
-        rows = self._all("load_checkpoint", url, manifest)
-        self._specs = {name: TableSpec.from_dict(d) for name, d in manifest["tables"].items()}
-        self._step = {name: int(manifest["steps"].get(name, 0)) for name in self._specs}
-        self._on_commit(url)
+        rows = self._all("load_checkpoint", url, manifest, plan)
+        self._specs = {name: TableSpec.from_dict(d) for name, d in plan["specs"].items()}
+        self._step = {n: int(manifest["steps"].get(n, 0)) if n in plan["restore"] else 0 for n in self._specs}
+        self._lr_scale = dict(plan["lr_scale"])
+        self._on_commit(url, plan)
         self._record("restore", "*", int(sum(rows)), 0, time.perf_counter() - t0)
 
     # ---- elastic resharding --------------------------------------------------------------------
@@ -94,6 +107,7 @@ class WholeTableOps:
             self._add_shards(list(range(old.num_shards, num_shards)), old)
             for k in range(old.num_shards, num_shards):
                 self._wait([self._call(k, "create_table", spec) for spec in self._specs.values()])
+                self._wait([self._call(k, "set_lr_scale", t, s) for t, s in self._lr_scale.items()])
         moves = old.moves(new)
         for (src, dst), slots in moves.items():
             for start in range(0, len(slots), _MOVE_SLOTS):
@@ -126,3 +140,38 @@ class WholeTableOps:
         path = write_export_manifest(url, table, spec.dim, files)
         self._record("export", table, sum(f["rows"] for f in files), 0, time.perf_counter() - t0)
         return path
+
+    # ---- import ----------------------------------------------------------------------------------
+    def import_table(self, table: str, url: str, id_column: str = "id", vector_column: str = "vector") -> int:
+        """Set rows of `table` from Parquet (an `export`, a directory of files or one file: an integer
+        `id_column`, a float list `vector_column` of the table's dim); returns the rows imported.
+
+        Imported ids are admitted if absent; their rows start with fresh optimizer state. Other
+        rows are left as they are. Across files, a repeated id takes its last vector. Bad input
+        raises DataError naming the file, column and row (rows read before it stay imported).
+        """
+        self._spec(table)
+        self.flush()
+        self._drop_prefetches()
+        t0 = time.perf_counter()
+        source = (url, id_column, vector_column)
+        self._on_control("import", table, source)  # logged first: a shard lost mid-way re-imports it all
+        n = self._import_rows(table, source, self._step[table])
+        self._record("import", table, n, 0, time.perf_counter() - t0)
+        return n
+
+    def _import_rows(
+        self, table: str, source: tuple[str, str, str], step: int, shard: int | None = None, wait: Any = None
+    ) -> int:
+        """Send the rows of `source` (url, id column, vector column) to their shards (only to
+        `shard`, waiting with `wait`, in a recovery's replay)."""
+        url, id_column, vector_column = source
+        spec, n, wait = self._specs[table], 0, wait or self._wait
+        for ids, rows in read_vectors(url, spec.dim, id_column, vector_column):
+            calls = [
+                self._call(k, "import_rows", table, ids[sel], rows[sel], step)
+                for k, sel in self.slot_map.split(ids)
+                if shard is None or k == shard
+            ]
+            n += int(sum(wait(calls)))
+        return n

@@ -30,8 +30,9 @@ import fsspec
 import numpy as np
 
 from xdtrain.outputs import AtomicFile, remove_owned, write_json_atomic
+from xdtrain.ps.optim import state_layout
 from xdtrain.ps.slots import slot_of
-from xdtrain.ps.table import ShardTable
+from xdtrain.ps.table import ShardTable, TableSpec
 
 FORMAT = "xdtrain-ps-checkpoint"
 FORMAT_VERSION = 1
@@ -144,8 +145,11 @@ def _ranges(offsets: np.ndarray, slots: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts[np.r_[0, breaks]].tolist(), stops[np.r_[breaks - 1, len(stops) - 1]].tolist()))
 
 
-def read_table_slots(fs, dirpath: str, entry: dict, slots: np.ndarray) -> dict[str, np.ndarray]:
-    """The columns of the rows (and admission counters) of one written table that fall in `slots`."""
+def read_table_slots(
+    fs, dirpath: str, entry: dict, slots: np.ndarray, optimizer_state: bool = True
+) -> dict[str, np.ndarray]:
+    """The columns of the rows (and admission counters) of one written table that fall in `slots`
+    (without the optimizer state columns unless `optimizer_state`)."""
     slots = np.sort(np.asarray(slots, dtype=np.int64))
     for name, size in entry["files"].items():
         path = f"{dirpath}/{name}.npy"
@@ -157,7 +161,7 @@ def read_table_slots(fs, dirpath: str, entry: dict, slots: np.ndarray) -> dict[s
     poffsets = read_npy_ranges(fs, f"{dirpath}/pending_offsets.npy")
     pr = _ranges(poffsets, slots)
     for name in entry["files"]:
-        if name.endswith("offsets"):
+        if name.endswith("offsets") or (name.startswith("state.") and not optimizer_state):
             continue
         out[name] = read_npy_ranges(fs, f"{dirpath}/{name}.npy", pr if name.startswith("pending_") else rr)
     out["step"] = np.asarray([entry.get("step", 0)], dtype=np.int64)
@@ -195,6 +199,56 @@ def is_data_dir(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     if not _DATA_DIR.fullmatch(name) or not fs.isdir(path):
         return False
     return all(_SHARD_DIR.fullmatch(e.rstrip("/").rpartition("/")[2]) for e in fs.ls(path, detail=False))
+
+
+def _state_columns(spec: TableSpec) -> dict:
+    return {k: (w, dt) for k, (w, dt, _) in state_layout(spec.optimizer, spec.dim).items()}
+
+
+def restore_plan(
+    manifest: dict,
+    declared: dict[str, TableSpec] | None = None,
+    tables: list[str] | None = None,
+    optimizer_state: bool = True,
+    url: str = "",
+) -> dict:
+    """What a restore loads, as plain data (it travels to Ray shards and into shard recovery):
+    {"specs": {table: spec dict}, "restore": [tables read], "optimizer_state": bool,
+     "lr_scale": {table: scale}}.
+
+    The tables read (`tables`; None: every table of the checkpoint) take the spec the client
+    declared for them (the current config: lr, ttl, a new optimizer), else the checkpoint's; every
+    other declared table is created empty. Their lr scales come back with their optimizer state
+    (1.0 when it starts fresh). CheckpointError when a table is not in the checkpoint, its dim
+    differs, or optimizer state is kept across a change of optimizer (another state layout).
+    """
+    declared = declared or {}
+    saved = manifest["tables"]
+    names = list(saved) if tables is None else list(dict.fromkeys(tables))
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise CheckpointError(f"{url}: tables {missing} are not in the checkpoint (it has {sorted(saved)})")
+    specs: dict[str, dict] = {}
+    for name in names:
+        old = TableSpec.from_dict(saved[name])
+        new = declared.get(name, old)
+        if new.dim != old.dim:
+            raise CheckpointError(f"{url}: table {name!r} has dim {old.dim} in the checkpoint, {new.dim} declared")
+        if optimizer_state and _state_columns(new) != _state_columns(old):
+            raise CheckpointError(
+                f"{url}: table {name!r}: cannot keep the optimizer state of {old.optimizer.name!r} "
+                f"for {new.optimizer.name!r} (restore it with fresh optimizer state)"
+            )
+        specs[name] = new.to_dict()
+    for name, spec in declared.items():
+        specs.setdefault(name, spec.to_dict())
+    scales = manifest.get("lr_scale", {}) if optimizer_state else {}
+    return {
+        "specs": specs,
+        "restore": names,
+        "optimizer_state": bool(optimizer_state),
+        "lr_scale": {n: float(scales[n]) for n in names if n in scales},
+    }
 
 
 def remove_stale_data(url: str, keep: str) -> None:

@@ -41,7 +41,7 @@ from xdtrain.ps.metrics import PSStats, RayMetrics
 from xdtrain.ps.replay import ReplayLog
 from xdtrain.ps.router import Call, Router, contiguous
 from xdtrain.ps.server import InjectedFault, StaleSlotMap
-from xdtrain.ps.shard import CHANNEL_METHODS, EmbeddingShard, ShardNeedsRecovery, ShardRestarted
+from xdtrain.ps.shard import CHANNEL_METHODS, ROUTED_METHODS, EmbeddingShard, ShardNeedsRecovery, ShardRestarted
 from xdtrain.ps.shm import MIN_SHM_BYTES, ShmPool, align, shm_available
 from xdtrain.ps.slots import DEFAULT_NUM_SLOTS, SlotMap
 
@@ -97,7 +97,7 @@ class PSClient(Router):
         self._nodes: list[str] = []
         self._incarnations: list[str] = []
         self._epochs: list[int] = []
-        self._recovery: tuple[str | None, dict | None] = (None, None)
+        self._recovery: tuple[str | None, dict | None, dict | None] = (None, None, None)  # url, manifest, plan
         self._init_process_state()
         self._add_shards(list(range(num_shards)), self.slot_map)
 
@@ -123,7 +123,7 @@ class PSClient(Router):
     # ---- pickling: hand the client to Ray Train workers -------------------------------------
     def __getstate__(self) -> dict:
         self.flush()
-        keep = ("slot_map", "staleness", "_specs", "_step", "name", "_opts", "replay_log_bytes")
+        keep = ("slot_map", "staleness", "_specs", "_step", "_lr_scale", "name", "_opts", "replay_log_bytes")
         keep += ("recovery_timeout_s", "_handles", "_incarnations", "_epochs", "_recovery")
         keep += ("shared_memory", "direct_channel", "_nodes")
         state = {k: self.__dict__[k] for k in keep}
@@ -184,7 +184,7 @@ class PSClient(Router):
     def _submit(self, call: Call) -> None:
         k = call.shard
         data = call.method in CHANNEL_METHODS
-        version = self.slot_map.version if data or call.method == "evict" else None
+        version = self.slot_map.version if call.method in ROUTED_METHODS else None
         call.epoch = self._epochs[k]
         chan = self._channel(k) if data and self._local_shard[k] else self._channels.get(k)
         if data and chan is not None:
@@ -367,16 +367,18 @@ class PSClient(Router):
             self._drop_channel(k)  # reopened (to the restarted process) on the next data call
         self._epochs[k] += 1
         self._replay(k)
+        # the scales now in force (the replay re-applied the logged ones; an overflowed log did not)
+        self._fetch([self._call(k, "set_lr_scale", t, s) for t, s in self._lr_scale.items()])
         self.metrics.event("shard_recovered")
 
     def _reset_shard(self, k: int, err: BaseException) -> None:
-        url, manifest = self._recovery
+        url, manifest, plan = self._recovery
         specs = [s.to_dict() for s in self._specs.values()]
         deadline = time.monotonic() + self.recovery_timeout_s
         while True:
             try:
                 known = self._incarnations[k]
-                ref = self._handles[k].recover.remote(known, self.slot_map.to_dict(), specs, url, manifest)
+                ref = self._handles[k].recover.remote(known, self.slot_map.to_dict(), specs, url, manifest, plan)
                 self._incarnations[k] = ray.get(ref)
                 return
             except RayActorError as e:
@@ -393,16 +395,24 @@ class PSClient(Router):
                 )
             self.metrics.event("recovered_without_replay")
             return
-        calls = []
-        for kind, table, step, ids, g in self._log:
-            if kind == "evict":
-                calls.append(self._call(k, "evict", table, step))
-                continue
-            sel = np.flatnonzero(self.slot_map.shard_of(ids) == k)
-            if len(sel):
-                calls += self._submit_all([self._push_call(k, table, ids, g, sel, step)])
+        calls: list[Call] = []
+        waited = 0  # calls[:waited] have finished
         try:
-            self._fetch(calls)  # a failure here is a second crash: let it surface
+            for kind, table, step, ids, g in self._log:
+                if kind == "import":  # re-read from its source: only shard k's rows
+                    self._fetch(calls[waited:])
+                    waited = len(calls)
+                    self._import_rows(table, g, step, shard=k, wait=self._fetch)
+                elif kind in ("evict", "lr_scale"):  # Ray calls: a later channel push must not overtake them
+                    args = (table, step) if kind == "evict" else (table, g)
+                    calls.append(self._call(k, "evict" if kind == "evict" else "set_lr_scale", *args))
+                    self._fetch(calls[waited:])
+                    waited = len(calls)
+                else:
+                    sel = np.flatnonzero(self.slot_map.shard_of(ids) == k)
+                    if len(sel):
+                        calls += self._submit_all([self._push_call(k, table, ids, g, sel, step)])
+            self._fetch(calls[waited:])  # a failure here is a second crash: let it surface
         finally:
             for c in calls:
                 self._release(c)
@@ -424,16 +434,21 @@ class PSClient(Router):
         if self.replay_log_bytes > 0:
             self._log.add_evict(table, step)
 
-    def _on_commit(self, url: str | None) -> None:
-        self.checkpoint_committed(url)
+    def _on_control(self, kind: str, table: str, arg) -> None:
+        if self.replay_log_bytes > 0:
+            self._log.add_control(kind, table, self._step[table], arg)
 
-    def checkpoint_committed(self, url: str) -> None:
+    def _on_commit(self, url: str | None, plan: dict | None = None) -> None:
+        self.checkpoint_committed(url, plan)
+
+    def checkpoint_committed(self, url: str, plan: dict | None = None) -> None:
         """A checkpoint at `url` now holds every push this client made: forget them, and recover
         from it. The writer calls this itself; other clients of the same shards must call it too
-        (e.g. every Ray Train worker, after the checkpoint of a step)."""
+        (e.g. every Ray Train worker, after the checkpoint of a step). `plan`: how a partial
+        restore loaded it (`restore` passes it; None: the whole checkpoint)."""
         from xdtrain.ps.checkpoint import read_manifest
 
-        self._recovery = (url, read_manifest(url) if url else None)
+        self._recovery = (url, read_manifest(url) if url else None, plan)
         self.truncate_replay_log()
 
     def truncate_replay_log(self) -> None:

@@ -12,6 +12,8 @@ only the rows it is handed, vectorised over the batch. The formulas follow torch
                        untouched for a while is bias-corrected as if it had its own optimizer)
 
 All math is float32; rows stored as float16 are widened for the update and narrowed after.
+`lr_scale` (a table's per-phase scale, `Router.set_lr_scale`) multiplies lr in float64 before the
+update, exactly as a torch optimizer built with lr = lr * scale computes it.
 """
 
 from __future__ import annotations
@@ -73,9 +75,15 @@ def state_bytes_per_row(spec: OptimizerSpec, dim: int) -> int:
 
 
 def apply_update(
-    spec: OptimizerSpec, rows: np.ndarray, state: dict[str, np.ndarray], pos: np.ndarray, grads: np.ndarray
+    spec: OptimizerSpec,
+    rows: np.ndarray,
+    state: dict[str, np.ndarray],
+    pos: np.ndarray,
+    grads: np.ndarray,
+    lr_scale: float = 1.0,
 ) -> None:
-    """Update rows[pos] (and their state) in place with `grads` (one distinct position per grad row).
+    """Update rows[pos] (and their state) in place with `grads` (one distinct position per grad row),
+    with learning rate spec.lr * lr_scale.
 
     Works in chunks of rows with reused buffers: the working set stays in cache and no large
     temporaries are allocated (fresh pages are expensive on VMs).
@@ -86,6 +94,7 @@ def apply_update(
     g_all = np.asarray(grads, dtype=np.float32)
     dim = g_all.shape[1]
     chunk = max(1, min(n, _CHUNK_ELEMS // dim))
+    lr = float(spec.lr) * float(lr_scale)
     bufs = [np.empty((chunk, dim), dtype=np.float32) for _ in range(3)]
     for start in range(0, n, chunk):
         p, g = pos[start : start + chunk], g_all[start : start + chunk]
@@ -94,12 +103,13 @@ def apply_update(
             np.take(rows, p, axis=0, out=w, mode="clip")  # "raise" would copy through a temporary
         else:
             w[...] = rows[p]
-        _step(spec, w, t, u, state, p, g)
+        _step(spec, lr, w, t, u, state, p, g)
         rows[p] = w
 
 
 def _step(
     spec: OptimizerSpec,
+    lr_f64: float,
     w: np.ndarray,
     t: np.ndarray,
     u: np.ndarray,
@@ -108,7 +118,7 @@ def _step(
     g: np.ndarray,
 ) -> None:
     """One chunk: w (the rows, float32) is updated in place; t and u are scratch of w's shape."""
-    lr = np.float32(spec.lr)
+    lr = np.float32(lr_f64)
     eps = np.float32(spec.resolved_eps)
     if spec.name == "sgd":
         np.multiply(g, lr, out=t)
@@ -128,12 +138,13 @@ def _step(
         np.divide(g, t, out=t)
         t *= lr
     else:
-        _adam(spec, t, u, state, p, g, eps)
+        _adam(spec, lr_f64, t, u, state, p, g, eps)
     w -= t
 
 
 def _adam(
     spec: OptimizerSpec,
+    lr: float,
     t: np.ndarray,
     u: np.ndarray,
     state: dict[str, np.ndarray],
@@ -158,8 +169,17 @@ def _adam(
     state["v"][p] = v
     tf = steps.astype(np.float64)
     # step size in float64 then float32, as torch computes it in Python floats
-    step_size = (spec.lr * np.sqrt(1.0 - b2**tf) / (1.0 - b1**tf)).astype(np.float32)
+    step_size = (lr * np.sqrt(1.0 - b2**tf) / (1.0 - b1**tf)).astype(np.float32)
     np.sqrt(v, out=u)
     u += eps
     np.divide(m, u, out=t)
     t *= step_size[:, None]
+
+
+def check_lr_scale(table: str, scale: float) -> float:
+    """`scale` as a float, or ValueError naming the table: finite and >= 0 (0 holds the rows still,
+    though an adaptive optimizer's state still counts the gradients)."""
+    s = float(scale)
+    if not np.isfinite(s) or s < 0:
+        raise ValueError(f"table {table!r}: lr scale must be a finite number >= 0, got {scale!r}")
+    return s

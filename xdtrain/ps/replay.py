@@ -1,4 +1,5 @@
-"""The client's log of pushes and evictions since the last checkpoint, replayed after a shard fails.
+"""The client's log of pushes, evictions, lr scales and imports since the last checkpoint, replayed
+after a shard fails.
 
 Gradients are copied into large reusable blocks rather than fresh arrays: on the dev VM a page
 fault costs ~15 us, so keeping a fresh 16 MB copy per push costs ~60 ms in faults against ~3 ms
@@ -23,7 +24,8 @@ def _block(nbytes: int) -> np.ndarray:
 
 
 class ReplayLog:
-    """Entries ("push", table, step, ids, grads) and ("evict", table, step, None, None), in order."""
+    """Entries ("push", table, step, ids, grads), ("evict", table, step, None, None) and
+    (kind, table, step, None, arg) of other changes (`add_control`), in order."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
@@ -80,6 +82,12 @@ class ReplayLog:
     def add_evict(self, table: str, step: int) -> None:
         if not self.overflowed:
             self._entries.append(("evict", table, step, None, None))
+
+    def add_control(self, kind: str, table: str, step: int, arg: object) -> None:
+        """Log a change that is not a push: `arg` is what replaying it needs (small: an lr scale,
+        the URL of an import)."""
+        if not self.overflowed:
+            self._entries.append((kind, table, step, None, arg))
 
     def truncate(self) -> None:
         """Forget all entries (a checkpoint holding them committed); keep the blocks for reuse."""

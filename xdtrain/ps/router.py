@@ -23,6 +23,7 @@ import torch
 from xdtrain.ps.bulk import WholeTableOps
 from xdtrain.ps.ids import RoutedIds, as_ids, dedup, route_ids, shard_blocks
 from xdtrain.ps.metrics import PSStats
+from xdtrain.ps.optim import check_lr_scale
 from xdtrain.ps.slots import SlotMap
 from xdtrain.ps.table import TableSpec
 
@@ -85,6 +86,7 @@ class Router(WholeTableOps, ABC):
         self.staleness = int(staleness)
         self._specs: dict[str, TableSpec] = {}
         self._step: dict[str, int] = {}
+        self._lr_scale: dict[str, float] = {}  # tables whose lr scale was set (the rest: 1.0)
         self.metrics = PSStats()
         self._reset_local_state()
 
@@ -153,8 +155,13 @@ class Router(WholeTableOps, ABC):
     def _on_evict(self, table: str, step: int) -> None:  # noqa: B027
         """Hook: an eviction was submitted."""
 
-    def _on_commit(self, url: str | None) -> None:  # noqa: B027
-        """Hook: the shards now equal the checkpoint at `url` (after checkpoint or restore)."""
+    def _on_commit(self, url: str | None, plan: dict | None = None) -> None:  # noqa: B027
+        """Hook: the shards now equal the checkpoint at `url` (after checkpoint or restore), as
+        loaded by `plan` (checkpoint.restore_plan; None: the whole checkpoint)."""
+
+    def _on_control(self, kind: str, table: str, arg: Any) -> None:  # noqa: B027
+        """Hook: a change that is not a push ("lr_scale": scale, "import": (url, id col, vector col))
+        is about to reach the shards (the Ray client logs it for replay)."""
 
     def _record(self, op: str, table: str, rows: int, nbytes: int, seconds: float) -> None:
         self.metrics.record(op, rows, nbytes, seconds)
@@ -217,6 +224,24 @@ class Router(WholeTableOps, ABC):
 
     def tables(self) -> list[str]:
         return sorted(self._specs)
+
+    def set_lr_scale(self, table: str, scale: float) -> None:
+        """Multiply `table`'s optimizer lr by `scale` on every push from now until changed (e.g. one
+        scale per table per phase). Kept in checkpoints and re-applied when a shard recovers.
+
+        Pushes issued before the call use the old scale. Every client that pushes to the table
+        should set the same scale at the same point (e.g. each worker at a phase boundary): a
+        shard reset by a client that never set it would run on with that client's scale.
+        """
+        self._spec(table)
+        s = check_lr_scale(table, scale)
+        self._on_control("lr_scale", table, s)
+        self._all("set_lr_scale", table, s)
+        self._lr_scale[table] = s
+
+    def lr_scale(self, table: str) -> float:
+        self._spec(table)
+        return self._lr_scale.get(table, 1.0)
 
     def spec(self, table: str) -> TableSpec:
         return self._spec(table)

@@ -9,6 +9,7 @@ import numpy as np
 
 from xdtrain.ps import checkpoint as ckpt
 from xdtrain.ps.export import write_shard_export
+from xdtrain.ps.optim import check_lr_scale
 from xdtrain.ps.slots import SlotMap, slot_of
 from xdtrain.ps.table import ShardTable, TableSpec
 
@@ -69,6 +70,9 @@ class ShardServer:
                 raise InjectedFault(f"shard {self.index}: injected fault at {point}")
             self._faults[point] -= 1
 
+    def set_lr_scale(self, table: str, scale: float) -> None:
+        self.table(table).lr_scale = check_lr_scale(table, scale)
+
     def info(self) -> dict:
         return {name: {"rows": t.n, "bytes": t.nbytes(), "step": t.step} for name, t in self.tables.items()}
 
@@ -81,6 +85,9 @@ class ShardServer:
 
     def evict(self, table: str, step: int) -> int:
         return self.table(table).evict(step)
+
+    def import_rows(self, table: str, ids: np.ndarray, rows: np.ndarray, step: int) -> int:
+        return self.table(table).assign(ids, rows, step)
 
     # ---- moving slots between shards ---------------------------------------------------------
     def _select(self, t: ShardTable, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,25 +136,34 @@ class ShardServer:
             )
         return out
 
-    def load_checkpoint(self, url: str, manifest: dict) -> int:
-        """Replace all tables with the rows of this shard's slots found in the checkpoint."""
+    def load_checkpoint(self, url: str, manifest: dict, plan: dict | None = None) -> int:
+        """Replace all tables with the rows of this shard's slots found in the checkpoint.
+
+        `plan` (checkpoint.restore_plan; None: the whole checkpoint as written): the tables to hold
+        and their specs, which of them to read, whether to read their optimizer state, lr scales.
+        """
         fs, root = ckpt.url_to_fs(url)
         if manifest["num_slots"] != self.slot_map.num_slots:
             raise ckpt.CheckpointError(
                 f"{url}: checkpoint has {manifest['num_slots']} slots, this PS has {self.slot_map.num_slots}"
             )
+        plan = plan or ckpt.restore_plan(manifest)
         old_map = SlotMap.from_dict(manifest["slot_map"])
         mine = np.flatnonzero(self.owned)
         self.tables = {}
         n = 0
-        for name, spec in manifest["tables"].items():
+        for name, spec in plan["specs"].items():
             self.create_table(spec)
+            self.tables[name].lr_scale = float(plan["lr_scale"].get(name, 1.0))
+            if name not in plan["restore"]:
+                continue
             for j, shard in enumerate(manifest["shards"]):
                 slots = mine[old_map.slot_to_shard[mine] == j]
                 if len(slots) == 0 or name not in shard["tables"]:
                     continue
                 cols = ckpt.read_table_slots(
-                    fs, f"{root}/{shard['dir']}/{name}", shard["tables"][name], slots
+                    fs, f"{root}/{shard['dir']}/{name}", shard["tables"][name], slots,
+                    optimizer_state=plan["optimizer_state"],
                 )
                 self.tables[name].insert(cols)
                 n += len(cols["ids"])

@@ -25,9 +25,10 @@ from xdtrain.ps.server import ShardServer
 from xdtrain.ps.shm import ShmViews
 from xdtrain.ps.table import TableSpec
 
-_DATA = frozenset({"pull", "push", "evict", "pull_shm", "pull_into", "push_shm"})
 CHANNEL_METHODS = frozenset({"pull", "push", "pull_shm", "pull_into", "push_shm"})
-_ALLOWED = _DATA | frozenset(
+# requests routed by slot: they carry the caller's slot-map version
+ROUTED_METHODS = CHANNEL_METHODS | frozenset({"evict", "import_rows"})
+_ALLOWED = ROUTED_METHODS | frozenset(
     {
         "create_table",
         "info",
@@ -39,6 +40,7 @@ _ALLOWED = _DATA | frozenset(
         "load_checkpoint",
         "export",
         "inject_fault",
+        "set_lr_scale",
     }
 )
 
@@ -92,7 +94,7 @@ class _EmbeddingShard:
             raise ShardRestarted(f"shard {self.index} was reset (incarnation {self.incarnation})")
         if method not in _ALLOWED:
             raise AttributeError(f"shard {self.index}: no method {method!r}")
-        if method in _DATA:
+        if method in ROUTED_METHODS:
             self.server.check_version(version)
         if method == "pull_shm":
             return self._pull_shm(*args)
@@ -142,24 +144,37 @@ class _EmbeddingShard:
         return self.server.push(table, buf[: n * 8].view(np.int64), grads, step)
 
     def recover(
-        self, known: str, slot_map: dict, specs: list[dict], url: str | None, manifest: dict | None
+        self,
+        known: str,
+        slot_map: dict,
+        specs: list[dict],
+        url: str | None,
+        manifest: dict | None,
+        plan: dict | None = None,
     ) -> str:
-        """Reset to the checkpoint at `url` (or to empty tables), then serve under a new incarnation.
+        """Reset to the checkpoint at `url` as `plan` loaded it (or to empty tables), then serve
+        under a new incarnation.
 
         `known` is the incarnation the caller last talked to. If the shard has been reset since
         (by another client), it is not reset again: the caller only needs to replay its pushes.
         """
         with self._lock:
-            return self._recover(known, slot_map, specs, url, manifest)
+            return self._recover(known, slot_map, specs, url, manifest, plan)
 
     def _recover(
-        self, known: str, slot_map: dict, specs: list[dict], url: str | None, manifest: dict | None
+        self,
+        known: str,
+        slot_map: dict,
+        specs: list[dict],
+        url: str | None,
+        manifest: dict | None,
+        plan: dict | None,
     ) -> str:
         if not self.needs_recovery and known != self.incarnation:
             return self.incarnation
         server = ShardServer(self.index, slot_map)
         if url is not None:
-            server.load_checkpoint(url, manifest)
+            server.load_checkpoint(url, manifest, plan)
         for spec in specs:  # tables created after the checkpoint start empty
             server.create_table(TableSpec.from_dict(spec))
         self.server = server

@@ -100,6 +100,7 @@ class ShardTable:
         self.spec = spec
         self.n = 0
         self.step = 0  # the latest push step this table has seen (drives TTL)
+        self.lr_scale = 1.0  # multiplies the optimizer's lr on every push (Router.set_lr_scale)
         self._key = table_key(spec.seed, spec.name)
         self._dtype = np.dtype(spec.dtype)
         self._layout = state_layout(spec.optimizer, spec.dim)
@@ -129,16 +130,17 @@ class ShardTable:
         if self.last_step is not None:
             self.last_step = _grow(self.last_step[: self.n], cap)
 
-    def _append(self, ids: np.ndarray, step: int) -> np.ndarray:
-        """Admit new ids with their initial rows and fresh optimizer state; returns their positions."""
+    def _append(self, ids: np.ndarray, step: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Admit new ids with their initial rows (or `rows`) and fresh optimizer state; returns their
+        positions."""
         k = len(ids)
         self._reserve(k)
         pos = np.arange(self.n, self.n + k, dtype=np.int64)
         sl = slice(self.n, self.n + k)
         self.ids[sl] = ids
-        self.rows[sl] = init_rows(
-            self.spec.init, self.spec.init_scale, self._key, ids, self.spec.dim, self._dtype
-        )
+        if rows is None:
+            rows = init_rows(self.spec.init, self.spec.init_scale, self._key, ids, self.spec.dim, self._dtype)
+        self.rows[sl] = rows
         for name, (_, _, v0) in self._layout.items():
             self.state[name][sl] = v0
         if self.last_step is not None:
@@ -259,7 +261,7 @@ class ShardTable:
             else:  # not admitted yet: the push is dropped
                 keep = ~miss
                 pos, grads = pos[keep], grads[keep]
-        apply_update(self.spec.optimizer, self.rows, self.state, pos, grads)
+        apply_update(self.spec.optimizer, self.rows, self.state, pos, grads, self.lr_scale)
         if self.last_step is not None:
             self.last_step[pos] = step
         return len(pos)
@@ -274,6 +276,33 @@ class ShardTable:
         if k:
             self.drop(np.flatnonzero(expired))
         return k
+
+    def assign(self, ids: np.ndarray, rows: np.ndarray, step: int = 0) -> int:
+        """Set the rows of `ids` (distinct) to `rows`, admitting absent ids, with fresh optimizer
+        state (an import: the vectors are new, moments of the old ones would be wrong). Idempotent."""
+        if rows.shape != (len(ids), self.spec.dim):
+            raise ValueError(
+                f"table {self.spec.name!r}: rows shape {tuple(rows.shape)} != ({len(ids)}, {self.spec.dim})"
+            )
+        self.step = max(self.step, int(step))
+        pos = self.index.lookup(ids)
+        old = pos >= 0
+        if (~old).any():
+            pos[~old] = self._append(ids[~old], step, rows[~old])
+            if self.spec.min_count > 1:  # admitted by the import: their admission counters are done
+                ppos = self._p_index.lookup(ids[~old])
+                ppos = ppos[ppos >= 0]
+                ppos = ppos[self._p_counts[ppos] >= 0]
+                self._p_counts[ppos] = -1
+                self._p_dead += len(ppos)
+        if old.any():
+            p = pos[old]
+            self.rows[p] = rows[old]
+            for name, (_, _, v0) in self._layout.items():
+                self.state[name][p] = v0
+            if self.last_step is not None:
+                self.last_step[p] = step
+        return len(ids)
 
     # ---- bulk moves (resharding, checkpoints) ---------------------------------------------
     def columns(self) -> dict[str, np.ndarray]:
@@ -298,7 +327,9 @@ class ShardTable:
         return out
 
     def insert(self, cols: dict[str, np.ndarray]) -> None:
-        """Add rows (and admission counters) taken from another shard or read from a checkpoint."""
+        """Add rows (and admission counters) taken from another shard or read from a checkpoint.
+        Optimizer state columns left out (a restore with fresh optimizer state) start at their
+        initial values."""
         ids = np.ascontiguousarray(cols["ids"], dtype=np.int64)
         if (self.index.lookup(ids) >= 0).any():
             raise ValueError(f"table {self.spec.name!r}: inserted ids already present on this shard")
@@ -307,8 +338,8 @@ class ShardTable:
         sl = slice(self.n, self.n + k)
         self.ids[sl] = ids
         self.rows[sl] = cols["rows"]
-        for name in self.state:
-            self.state[name][sl] = cols[f"state.{name}"]
+        for name, (_, _, v0) in self._layout.items():
+            self.state[name][sl] = cols.get(f"state.{name}", v0)
         if self.last_step is not None:
             self.last_step[sl] = cols["last_step"] if "last_step" in cols else self.step
         self.index.insert(ids, np.arange(self.n, self.n + k, dtype=np.int64), keys=self.ids)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
+from xdtrain.config import ConfigError
 from xdtrain.outputs import (
     MARKER,
     AtomicFile,
@@ -118,12 +119,86 @@ def load_state(directory: str | Path) -> EngineState:
 
 
 def load_dense(directory: str | Path, model: torch.nn.Module) -> None:
-    """The dense weights (safetensors: no pickle); every key must match the model."""
+    """The dense weights (safetensors: no pickle); every key must match the model (resume)."""
     model.load_state_dict(load_file(str(Path(directory) / DENSE_FILE)))
 
 
-def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.load_state_dict(torch.load(Path(directory) / OPTIM_FILE, weights_only=True))
+def load_optimizer(directory: str | Path, optimizer: torch.optim.Optimizer, file: str = OPTIM_FILE) -> None:
+    """The optimizer's whole state (resume: the same model and parameter groups)."""
+    optimizer.load_state_dict(torch.load(Path(directory) / file, weights_only=True))
+
+
+@dataclass
+class TransferReport:
+    """What a partial restore did, by key (dense state entry, parameter, or PS table): `loaded` from
+    the checkpoint; `new`: the model's, not in the checkpoint (left at their init); `dropped`: the
+    checkpoint's, not in the model; `imported`: PS tables filled from Parquet."""
+
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    imported: list[str] = field(default_factory=list)
+
+    def line(self, what: str) -> str:
+        def few(keys: list[str]) -> str:
+            return f" {keys[:4]}{' ...' if len(keys) > 4 else ''}" if keys else ""
+
+        parts = [f"{len(self.loaded)} loaded", f"{len(self.new)} new{few(self.new)}",
+                 f"{len(self.dropped)} dropped{few(self.dropped)}"]
+        if self.imported:
+            parts.append(f"{len(self.imported)} imported{few(self.imported)}")
+        return f"{what}: " + ", ".join(parts)
+
+
+def load_dense_partial(directory: str | Path, model: torch.nn.Module) -> TransferReport:
+    """Transfer: load every dense entry the checkpoint and the model both have; the model's other
+    entries (new heads) keep their init. ConfigError, naming the key and both shapes, when a
+    shared entry changed shape."""
+    path = Path(directory) / DENSE_FILE
+    saved = load_file(str(path))
+    own = model.state_dict()
+    shared = [k for k in own if k in saved]
+    for k in shared:
+        if tuple(saved[k].shape) != tuple(own[k].shape):
+            raise ConfigError(f"{path}: dense key {k!r} has shape {tuple(saved[k].shape)} in the checkpoint, "
+                              f"{tuple(own[k].shape)} in the model")
+    model.load_state_dict({k: saved[k] for k in shared}, strict=False)
+    return TransferReport(loaded=shared, new=[k for k in own if k not in saved],
+                          dropped=[k for k in saved if k not in own])
+
+
+def load_optimizer_partial(directory: str | Path, optimizers) -> TransferReport:
+    """Transfer with kept optimizer state: each parameter of each named optimizer (an
+    `OptimizerSet`) takes the saved state of the parameter of the same name in the optimizer of the
+    same name (new parameters start fresh); hyper-parameters (lr, betas, weight decay) stay the
+    current ones and schedules start over."""
+    path = Path(directory) / OPTIM_FILE
+    saved = torch.load(path, weights_only=True)
+    if "optimizers" not in saved:
+        raise ConfigError(f"{path}: a checkpoint of the single-optimizer engine names no parameters, so its "
+                          "optimizer state cannot be matched to this model (use transfer.dense_optimizer=fresh)")
+    report = TransferReport()
+    for name, opt in optimizers.items():
+        s = saved["optimizers"].get(name)
+        by_name = {} if s is None else {n: s["optimizer"]["state"][i] for i, n in enumerate(s["params"])
+                                        if i in s["optimizer"]["state"]}
+        current = opt.opt.state_dict()
+        state = {}
+        for i, (n, p) in enumerate(zip(opt.param_names, opt.params)):
+            if n not in by_name:
+                report.new.append(n)
+                continue
+            for key, v in by_name[n].items():
+                if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                    raise ConfigError(f"{path}: optimizer state {key!r} of {n!r} has shape {tuple(v.shape)}, "
+                                      f"the parameter {tuple(p.shape)}")
+            state[i] = by_name[n]
+            report.loaded.append(n)
+        current["state"] = state
+        opt.opt.load_state_dict(current)
+    loaded = set(report.loaded)
+    report.dropped = [n for o in saved["optimizers"].values() for n in o["params"] if n not in loaded]
+    return report
 
 
 def load_cursors(directory: str | Path, world_size: int) -> dict[str, list[dict]]:

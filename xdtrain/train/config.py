@@ -8,12 +8,18 @@
     ps:    {backend: ray, shards: 2, prefetch: true}
     train: {epochs: 10, batch_size: 128, lr: 0.001}
     eval:  {candidates: [full], ks: [10]}
+    transfer: {ps_optimizer: fresh, tables: {item: keep, tag: new}}   # with init_from (finetune)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+from xdtrain.config import ConfigError
+
+OPTIMIZER_STATE = ("fresh", "kept")
+TABLE_MODES = ("keep", "new", "import")
 
 
 @dataclass
@@ -107,12 +113,55 @@ class EvalSection:
 
 
 @dataclass
+class TransferConfig:
+    """How a job started from `init_from` carries the checkpoint over (xdtrain/train/transfer.py).
+
+    Dense weights: every entry the model and the checkpoint share is loaded, new modules (heads)
+    keep their init. PS tables, by `tables`: keep (the checkpoint's rows), new (empty, fresh from
+    the model's TableSpec) or import (new, then filled from the Parquet in `import_tables`); a table
+    not listed is kept when the checkpoint has it, else new.
+
+    Optimizer state is fresh by default, dense and PS: a transfer starts a new task or phase. New
+    heads and tables have no moments to keep; the kept ones summarise gradients of the old data;
+    and a kept Adam is past its bias correction, so its first steps on the new task run at full
+    size, scaled by the old task's statistics, under a new lr. `kept` carries it on (a paused run
+    continued under a new config, say).
+    """
+
+    dense_optimizer: Literal["fresh", "kept"] = "fresh"
+    ps_optimizer: Literal["fresh", "kept"] = "fresh"
+    tables: dict[str, Literal["keep", "new", "import"]] = field(default_factory=dict)
+    import_tables: dict[str, str] = field(default_factory=dict)  # table -> Parquet URL (id, vector)
+
+    def __post_init__(self) -> None:
+        for key in ("dense_optimizer", "ps_optimizer"):
+            if getattr(self, key) not in OPTIMIZER_STATE:
+                raise ConfigError(f"transfer.{key} must be one of {list(OPTIMIZER_STATE)}, got {getattr(self, key)!r}")
+        for name, mode in self.tables.items():
+            if mode not in TABLE_MODES:
+                raise ConfigError(f"transfer.tables.{name} must be one of {list(TABLE_MODES)}, got {mode!r}")
+            if mode == "import" and not self.import_tables.get(name):
+                raise ConfigError(f"transfer.tables.{name} is 'import': "
+                                  f"set transfer.import_tables.{name}=<Parquet URL>")
+        for name, url in self.import_tables.items():
+            if self.tables.get(name, "import") != "import":
+                raise ConfigError(f"transfer.import_tables.{name} is set, but transfer.tables.{name} is "
+                                  f"{self.tables[name]!r} (use 'import')")
+            if not url:
+                raise ConfigError(f"transfer.import_tables.{name}: empty URL")
+
+    def mode(self, table: str) -> str | None:
+        """keep / new / import as configured for `table` (None: not configured)."""
+        return "import" if table in self.import_tables else self.tables.get(table)
+
+
+@dataclass
 class EngineConfig:
     run_dir: str = "runs/pretrain"
     overwrite: bool = False  # write into an existing non-empty run_dir that xdtrain did not create
     resume_from: str = ""  # a checkpoint dir; "" = resume automatically if run_dir holds an unfinished run
-    init_from: str = ""  # finetune: start dense + PS from this checkpoint, fresh optimizer and data cursor
-    export_embeddings: bool = True  # write PS tables as Parquet (id, vector) under run_dir/embeddings
+    init_from: str = ""  # finetune: start dense + PS from this checkpoint (see `transfer`), fresh data cursor
+    export_embeddings: bool = True  # write the model's vectors (export hook, else PS tables) under run_dir/embeddings
     verbose: bool = False  # show Ray's own output on the console (else it goes to run_dir/logs/ray.log)
     data: DataConfig = field(default_factory=DataConfig)
     model: dict = field(default_factory=lambda: {"name": "seqrec"})
@@ -120,3 +169,4 @@ class EngineConfig:
     ps: PSConfig = field(default_factory=PSConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalSection = field(default_factory=EvalSection)
+    transfer: TransferConfig = field(default_factory=TransferConfig)

@@ -9,7 +9,8 @@
 4. run `train_loop_per_worker` under `TorchTrainer` (DDP over gloo on CPU, NCCL with GPUs), with
    FailureConfig retries and, when `scale.min_workers > 0`, elastic between min and max workers;
 5. restore the best validated checkpoint (dense + PS), evaluate it and the baselines on the test
-   split, export the PS tables as Parquet, and write metrics.json beside curves.jsonl.
+   split, export its vectors as Parquet (the model's `export` hook, else the PS tables), and write
+   metrics.json beside curves.jsonl.
 
 A second `train` on the same run_dir resumes the run from its latest checkpoint (Ray Train keeps
 the run's state under run_dir/train); `resume_from` points at any checkpoint directory instead.
@@ -36,6 +37,7 @@ from xdtrain.train.datasets import PreparedData, prepare_data
 from xdtrain.train.evaluation import summarize_tests, test_report
 from xdtrain.train.progress import ProgressBoard, ProgressWatcher
 from xdtrain.train.raylog import RayLog
+from xdtrain.train.transfer import export_embeddings, transfer_ps
 from xdtrain.train.worker import train_loop_per_worker
 
 RUN_NAME = "train"  # Ray Train's run directory inside run_dir
@@ -165,13 +167,14 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     for spec in model.sparse_tables():
         ps.create_table(spec)
     init_dense = ""
-    if cfg.init_from:
+    if cfg.init_from:  # the PS of the transfer (cfg.transfer) becomes this run's starting checkpoint
         src = Path(cfg.init_from)
         ck.load_state(src)  # fails clearly when it is not a checkpoint
-        ps_init, init_dense = ck.ps_url(src), str(src)
-    else:
-        ps_init = str(run_dir / "ps_init")
-        ps.checkpoint(ps_init)
+        report = transfer_ps(ps, ck.ps_url(src), model.sparse_tables(), cfg.transfer)
+        print(f"[xdtrain] init_from {src.name}, {report.line('PS tables')}, optimizer {cfg.transfer.ps_optimizer}")
+        init_dense = str(src)
+    ps_init = str(run_dir / "ps_init")
+    ps.checkpoint(ps_init)
     # On the driver's node: it must outlive any worker node that is lost or removed. Hard
     # affinity: with soft=True Ray placed it on another node of a local cluster (seen in CI),
     # which the elasticity test then killed.
@@ -206,11 +209,7 @@ def finish(cfg: EngineConfig, data: PreparedData, model, ps, run_dir: Path) -> d
     tests = run_tests(cfg, data, model, ps, run_dir)
     exports = {}
     if cfg.export_embeddings:
-        for spec in model.sparse_tables():
-            url = str(run_dir / "embeddings" / f"{spec.name}-step{state.best_step}")
-            if not Path(url, "_MANIFEST.json").exists():
-                ps.export(spec.name, url)
-            exports[spec.name] = url
+        exports = export_embeddings(model, ps, run_dir / "embeddings", state.best_step, users=data.test.rows)
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(best_dir),
@@ -246,7 +245,8 @@ def run_finetune(cfg: EngineConfig) -> dict:
 
 
 def run_evaluate(cfg: EngineConfig) -> dict:
-    """`python -m jobs.evaluate --config ... init_from=<checkpoint>`: test a checkpoint, no training."""
+    """`python -m jobs.evaluate --config ... init_from=<checkpoint>`: test a checkpoint, no training
+    (loaded as a finetune would start from it: `transfer:` applies)."""
     if not cfg.init_from:
         raise ConfigError("evaluate: set init_from=<checkpoint directory>")
     src = Path(cfg.init_from).resolve()
@@ -257,10 +257,13 @@ def run_evaluate(cfg: EngineConfig) -> dict:
             connect_ray(cfg, log)
         data = prepare_data(cfg.data, run_dir, min_groups=1)
         model = build_model(cfg.model, data.model_data, cfg.train.seed)
-        ck.load_dense(src, model)
+        # the model a finetune from this checkpoint would start from (cfg.transfer): modules and tables
+        # the checkpoint lacks are at their init, and the report says which
+        transfer = {"dense": ck.load_dense_partial(src, model).line("dense")}
         ps = make_ps(cfg, run_dir.name)
-        ps.restore(ck.ps_url(src))
+        transfer["ps"] = transfer_ps(ps, ck.ps_url(src), model.sparse_tables(), cfg.transfer).line("PS tables")
+        print(f"[xdtrain] init_from {src.name}: {transfer['dense']}; {transfer['ps']}")
         t0 = time.time()
         tests = run_tests(cfg, data, model, ps, run_dir)
     return {"run_dir": str(run_dir), "checkpoint": str(src), "checkpoint_step": state.step, **summarize_tests(tests),
-            "test_seconds": round(time.time() - t0, 1), "data": data.stats}
+            "test_seconds": round(time.time() - t0, 1), "data": data.stats, "transfer": transfer}

@@ -45,6 +45,7 @@ from xdtrain.train.config import EngineConfig
 from xdtrain.train.evaluation import RankingEval
 from xdtrain.train.optimizers import OptimizerSet, broadcast_dense
 from xdtrain.train.streams import Dataset, Stream, accepts, seed_of
+from xdtrain.train.transfer import transfer_dense
 
 
 @dataclass
@@ -167,18 +168,20 @@ class Worker:
                 if self.rank == 0:
                     self.ps.restore(ps_src)
         else:
-            if config.get("init_dense"):
-                ck.load_dense(config["init_dense"], self.model)
+            if config.get("init_dense"):  # finetune: shared weights (and optimizer state, if kept)
+                reports = transfer_dense(config["init_dense"], self.model, self.optimizers, self.cfg.transfer)
+                if self.rank == 0:
+                    print("[xdtrain] init_from: " + "; ".join(r.line(k) for k, r in reports.items()))
             ps_src = config["ps_init"]
             if self.rank == 0:
                 self.ps.restore(ps_src)
-        if self.rank == 0:
-            self._apply_ps_lr_scales()
         _barrier(self.world)
         self._committed(ps_src)
+        self._apply_ps_lr_scales()
 
     def _apply_ps_lr_scales(self) -> None:
-        """The current phase's learning-rate scale of every table (only programs that use scales)."""
+        """The current phase's learning-rate scale of every table (only programs that use scales).
+        Every worker sets it: each client replays its own pushes, in order, after a shard fails."""
         if not any(ph.ps_lr_scale for ph in self.prog.phases):
             return
         scales = self.prog.phases[self.state.phase].ps_lr_scale
@@ -397,8 +400,7 @@ class Worker:
     def _end_phase(self, reason: str) -> None:
         self.pending = None
         if plan.enter_next_phase(self.prog, self.state):
-            if self.rank == 0:
-                self._apply_ps_lr_scales()
+            self._apply_ps_lr_scales()
         else:
             self._finish(reason)
 
