@@ -59,9 +59,10 @@ class Pending:
     keys: dict[str, list] | None = None  # stream -> the user ids read (train.trace_rows)
 
 
-def _agree_any(flags: list[bool], world: int) -> list[bool]:
-    """Element-wise OR of boolean flags over all workers (one tiny all-reduce)."""
-    t = torch.tensor([float(f) for f in flags])
+def _agree_any(flags: list[bool], world: int, device: torch.device) -> list[bool]:
+    """Element-wise OR of boolean flags over all workers (one tiny all-reduce; on the worker's
+    device, since NCCL reduces GPU tensors only)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
     if world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v > 0.5) for v in t]
@@ -292,9 +293,10 @@ class Worker:
         names = sorted(self._named)
         w = self._window
         vec = [w["loss"], w["samples"], w["rows"], w["steps"]] + [x for k in names for x in self._named[k]]
-        v = torch.tensor(vec, dtype=torch.float64)
+        v = torch.tensor(vec, dtype=torch.float64, device=self.device)
         if self.world > 1:
             dist.all_reduce(v)
+        v = v.cpu()
         secs = max(time.perf_counter() - self._window_t, 1e-9)
         if self.rank == 0 and v[1] > 0:
             record = {
@@ -331,7 +333,7 @@ class Worker:
             s.validations.append({"step": s.step, "epoch": s.epoch, **metrics})
             self.board.add.remote({"kind": "valid", "step": s.step, "epoch": s.epoch, **metrics})
             stop = phase.patience > 0 and s.bad_validations >= phase.patience
-        return metrics, _agree_any([stop], self.world)[0]
+        return metrics, _agree_any([stop], self.world, self.device)[0]
 
     def _checkpoint(self, metrics: dict | None = None) -> None:
         self.ps.flush()
@@ -379,7 +381,7 @@ class Worker:
 
     def attempt_of_group(self) -> int:
         if not hasattr(self, "_group_attempt"):
-            a = torch.tensor([float(self.attempt)])
+            a = torch.tensor([float(self.attempt)], device=self.device)
             if self.world > 1:
                 dist.all_reduce(a, op=dist.ReduceOp.MAX)
             self._group_attempt = int(a.item())
@@ -438,7 +440,7 @@ class Worker:
                 break
             phase, step = plan.current(self.prog, s)
             cur = self._take()
-            have, late = _agree_any([cur.batches is not None, time.time() > deadline], self.world)
+            have, late = _agree_any([cur.batches is not None, time.time() > deadline], self.world, self.device)
             if late:
                 self.pending = cur  # not consumed: the checkpoint's cursors exclude it
                 self._stop("time budget")
