@@ -7,17 +7,19 @@ T6 and T11 in tests/test_prerec_data.py.
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from xdtrain.config import from_dict, read_yaml
+from xdtrain.config import ConfigError, from_dict, read_yaml
 from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex
 from xdtrain.data.sequences import build_sequences
 from xdtrain.models.prerec import OFFSETS, PreRec, PreRecConfig
 from xdtrain.models.prerec_data import eval_rows, offset_keys
+from xdtrain.nn.program import StreamSpec, resolve_program
 from xdtrain.nn.sparse import pull_rows, push_grads
 from xdtrain.ps import LocalPS
 from xdtrain.text.cache import ItemVectors
@@ -265,6 +267,7 @@ def test_contract_shapes_and_prerec_n(world):
 def test_yaml_model_sections_load(name):
     cfg = from_dict(PreRecConfig, read_yaml(f"configs/{name}.yaml")["model"], f"configs/{name}.yaml", "model.")
     assert cfg.d == 256 and cfg.negatives == 255 and cfg.max_len == 64
+    assert cfg.balanced  # spec sec. 2.6
     if name == "prerec_n":
         assert not (cfg.use_domain or cfg.use_popularity or cfg.use_offsets)
     if name == "prerec_code":
@@ -319,3 +322,25 @@ def test_exported_vectors_rank_as_the_scorer_without_popularity(world, variant):
         items = torch.as_tensor(DOMAINS[d])
         gap = theirs(users, items, domain=d) - mine(users, items, domain=d)
         torch.testing.assert_close(gap, gap[:1, :1].expand_as(gap), atol=1e-5, rtol=0)
+
+
+def test_balanced_training_draws_single_domain_rows(world):
+    """Spec sec. 2.6 on the engine: `balanced` (the default) reads the recipe's (user, domain) rows
+    through the domain-balanced sampler; those rows give the same batch as per-user rows split here."""
+    from xdtrain.train.engine import check_stream_datasets
+
+    bal, plain = _model(world), _model(world, balanced=False)
+    assert bal.cfg.balanced and bal.streams() == {"train": StreamSpec("train_by_domain", sampler="domain_balanced")}
+    assert plain.streams() == {"train": StreamSpec()}
+    prog = resolve_program(bal, batch_size=8, epochs=1, patience=0, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    assert prog.streams["train"].sampler == "domain_balanced" and prog.streams["train"].batch_size == 8
+    check_stream_datasets(bal, SimpleNamespace(streams={"train": "u1", "train_by_domain": "u2"}))
+    with pytest.raises(ConfigError, match="data.streams: .* reads dataset 'train_by_domain'.*add 'train_by_domain'"):
+        check_stream_datasets(bal, SimpleNamespace(streams={"train": "u1"}))
+    check_stream_datasets(plain, SimpleNamespace(streams={"train": "u1"}))
+    inter = world[0].filter(pa.compute.is_in(world[0]["domain"], pa.array(["a", "b"])))
+    per_user = build_sequences(inter, extra_columns=["domain"], by_domain=False)
+    one, two = (bal.make_batch(r, np.random.default_rng(3)) for r in (_rows(world), per_user))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.equal(one[k], two[k]), k

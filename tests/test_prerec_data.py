@@ -9,12 +9,12 @@ from scipy import stats
 
 from xdtrain.data.evalrows import unseen_flags
 from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex
+from xdtrain.data.sampler import domain_balanced_indices
 from xdtrain.data.schemas import DataError
 from xdtrain.data.splits import assign_users
 from xdtrain.models.prerec_data import (
     build_batch,
     chunk_sequences,
-    domain_balanced_indices,
     eval_rows,
     first_samples,
 )

@@ -27,6 +27,7 @@ import torch
 from scipy import stats
 
 from xdtrain.data.popularity import PopularityIndex, days_of
+from xdtrain.data.sampler import domain_balanced_indices
 from xdtrain.data.sequences import build_sequences
 from xdtrain.data.synthetic import (
     ChoiceConfig,
@@ -41,7 +42,7 @@ from xdtrain.data.synthetic.text import item_text
 from xdtrain.eval.candidates import EvalSet
 from xdtrain.eval.evaluator import EvalConfig, evaluate
 from xdtrain.models.prerec import PreRec, PreRecConfig
-from xdtrain.models.prerec_data import domain_balanced_indices, eval_rows
+from xdtrain.models.prerec_data import eval_rows
 from xdtrain.nn.sparse import pull_rows, push_grads
 from xdtrain.ps import LocalPS
 from xdtrain.text.cache import ItemVectors

@@ -4,10 +4,12 @@ default data preparation against a fixture written before recipes existed. All f
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,6 +17,7 @@ from xdtrain.data.reader import ParquetStreamReader
 from xdtrain.data.recipes import InteractionsSource, LocalRecipe, RecipeConfig, get_recipe
 from xdtrain.data.schemas import DataError
 from xdtrain.data.splits import assign_users
+from xdtrain.models.prerec_data import split_by_domain
 from xdtrain.train.config import DataConfig
 from xdtrain.train.datasets import prepare_data
 
@@ -202,6 +205,24 @@ def test_items_stream_has_one_row_per_item_and_domain_with_text(tmp_path):
     assert out.streams["items"].table == "items" and out.stats["items_rows"] == 4
     bare = prepare(rows, tmp_path / "bare", streams=["items"])
     assert stream(bare, "items")["text"].null_count == 4
+
+
+def test_train_by_domain_rows_are_the_train_rows_split_per_domain(tmp_path):
+    inter = interactions_table()
+    out = prepare(inter, tmp_path, streams=["train", "train_by_domain"], rows_per_group=8)
+    by = stream(out, "train_by_domain")
+    assert by.column_names == ["user_id", "domain", "items", "timestamps"]
+    assert out.streams["train_by_domain"].table == "sequences" and out.streams["train_by_domain"].rows == by.num_rows
+    want = split_by_domain(stream(out, "train"))
+    want = want.filter(pc.greater_equal(pc.list_value_length(want["items"]), 2))
+    assert by.to_pylist() == want.sort_by([("user_id", "ascending"), ("domain", "ascending")]).to_pylist()
+    assert out.stats["train_by_domain_rows"] == dict(Counter(by["domain"].to_pylist()))
+    assert len(out.stats["train_by_domain_rows"]) == 3 and out.stats["train_sequences"] == stream(out, "train").num_rows
+    # one domain: max_train_samples keeps the same samples in either stream (incremental fine-tuning)
+    one = prepare(inter.filter(pc.equal(inter["domain"], "a")), tmp_path / "one",
+                  streams=["train", "train_by_domain"], max_train_samples=20)
+    cols = ["user_id", "items", "timestamps"]
+    assert stream(one, "train").select(cols).to_pylist() == stream(one, "train_by_domain").select(cols).to_pylist()
 
 
 def test_prepare_data_names_every_stream_and_rejects_bad_recipes(tmp_path):

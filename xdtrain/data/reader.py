@@ -177,7 +177,7 @@ class ParquetStreamReader:
 
     def epoch_rows(self) -> int:
         """Rows this rank yields in the current epoch: `num_rows()`, or its share of an elastic remainder."""
-        return sum(w.num_rows for w in self._plan(self.epoch, self._levels))
+        return self._plan_rows(self.epoch, self._levels)
 
     def __len__(self) -> int:
         """Batches in the current epoch (the last may be short)."""
@@ -221,11 +221,11 @@ class ParquetStreamReader:
         another world size, use `load_global_state` with every old rank's state.
         """
         _check_version(state)
-        for key, ours in self._fingerprint().items():
+        for key, ours in {"sampler": None, **self._fingerprint()}.items():  # a sampling reader's cursor is not ours
             if state.get(key) != ours:
                 raise ValueError(f"reader state has {key}={state.get(key)!r} but this reader has {ours!r}")
         epoch, levels = int(state["epoch"]), _parse_levels(state.get("elastic", []))
-        rows, total = int(state["rows_emitted"]), sum(w.num_rows for w in self._plan(epoch, levels))
+        rows, total = int(state["rows_emitted"]), self._plan_rows(epoch, levels)
         if not 0 <= rows <= total:
             raise ValueError(f"reader state rows_emitted={rows} outside [0, {total}]")
         self.epoch, self._levels, self._rows_emitted = epoch, levels, rows
@@ -243,11 +243,12 @@ class ParquetStreamReader:
             raise ValueError("load_global_state needs the reader state of every old rank, got none")
         for s in states:
             _check_version(s)
-            for key in ("seed", "shuffle_buffer"):
-                if s.get(key) != getattr(self, key):
+            ours = self._fingerprint()
+            for key in ("seed", "shuffle_buffer", "sampler"):
+                if s.get(key) != ours.get(key):
                     raise ValueError(
                         f"reader state of rank {s.get('rank')} has {key}={s.get(key)!r} "
-                        f"but this reader has {getattr(self, key)!r}"
+                        f"but this reader has {ours.get(key)!r}"
                     )
         world = states[0].get("world_size")
         by_rank = {s.get("rank"): s for s in states}
@@ -285,7 +286,7 @@ class ParquetStreamReader:
                 done.append(int(s["rows_emitted"]))
             elif int(s["epoch"]) == epoch + 1 and int(s["rows_emitted"]) == 0 and not s.get("elastic"):
                 # This rank finished `epoch` and moved on: all of its plan was yielded.
-                done.append(sum(w.num_rows for w in self._plan(epoch, levels, world, r)))
+                done.append(self._plan_rows(epoch, levels, world, r))
             else:
                 raise ValueError(
                     f"reader states are in epochs {epoch} and {s['epoch']} with rows yielded in both; "
@@ -295,7 +296,7 @@ class ParquetStreamReader:
             self.epoch, self._levels, self._rows_emitted = epoch, (), 0
             return
         new_levels = (*levels, (world, tuple(done)))
-        self._plan(epoch, new_levels)  # validates the cursors
+        self._plan_rows(epoch, new_levels)  # validates the cursors
         self.epoch, self._levels, self._rows_emitted = epoch, new_levels, 0
 
     # --- plan and read ------------------------------------------------------------------------
@@ -319,6 +320,11 @@ class ParquetStreamReader:
                 groups.append([p])
                 rows = p.num_rows
         return [_Window(tuple(g), (*key, i), sum(p.num_rows for p in g)) for i, g in enumerate(groups)]
+
+    def _plan_rows(self, epoch: int, levels: Levels, world_size: int | None = None, rank: int | None = None) -> int:
+        """Rows `rank` (default: this one) yields in `epoch` after `levels`; ValueError on bad cursors.
+        The cursor logic above needs only this of an epoch's plan (a sampling reader overrides it)."""
+        return sum(w.num_rows for w in self._plan(epoch, levels, world_size, rank))
 
     def _plan(self, epoch: int, levels: Levels, world_size: int | None = None, rank: int | None = None):
         """The windows `rank` (default: this one) reads in `epoch`, after the resumes listed in `levels`."""

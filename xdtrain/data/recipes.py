@@ -22,6 +22,9 @@ Streams (`RecipeConfig.streams`; written to `<out_dir>/<name>`, read with reader
   train     kind "sequences": one row per user with >= 2 train items: user_id, items, timestamps,
             domains (each item's domain), oldest first; `max_train_samples` keeps the first N
             next-item samples in a seeded user order (incremental fine-tuning)
+  train_by_domain  kind "sequences": the same train items, one row per (user, domain) with >= 2 of
+            them: user_id, domain, items, timestamps; single-domain rows for a per-domain sampler
+            (`xdtrain.data.sampler`); `max_train_samples` as for train
   labelled  kind "labelled": the train interactions as flat rows (user_id, item_id, domain, timestamp,
             label, observed) in sequence order; `label` is the source's (1 when it has none),
             `observed` the source's, else from the `users` side table (users it marks unobserved),
@@ -66,7 +69,8 @@ from xdtrain.eval.candidates import EvalSet, count_items
 
 TRAIN, VALID, TEST, CONTEXT = 0, 1, 2, 3  # part of a row; CONTEXT: history of a held-out user only
 RECIPES = ("leave_one_out", "leave_one_out_domain", "chronological", "user")
-STREAMS = {"train": "sequences", "labelled": "labelled", "items": "items"}  # stream -> reader table kind
+# stream -> reader table kind
+STREAMS = {"train": "sequences", "train_by_domain": "sequences", "labelled": "labelled", "items": "items"}
 SAMPLE_SEED = 2023  # the user order of `max_train_samples` (the PreRec authors' user-shuffled split)
 
 
@@ -164,8 +168,11 @@ class Split:
     def train(self) -> pa.Table:
         return self.rows.filter(pa.array(self.part == TRAIN))
 
-    def train_sequences(self, with_domains: bool = True) -> pa.Table:
-        """One row per user with train interactions: user_id, items, timestamps (, domains)."""
+    def train_sequences(self, with_domains: bool = True, by_domain: bool = False) -> pa.Table:
+        """One row per user with train interactions: user_id, items, timestamps (, domains: each item's);
+        `by_domain`: one row per (user, domain) instead, with a `domain` column."""
+        if by_domain:
+            return build_sequences(self.train(), extra_columns=[], by_domain=True)
         return build_sequences(self.train(), extra_columns=["domain"] if with_domains else [], by_domain=False)
 
     def eval_sets(self, max_history: int = 0, recipe: str = "") -> tuple[EvalSet, EvalSet]:
@@ -230,13 +237,18 @@ def _group_rows(n: int, cap: int, min_groups: int) -> int:
     return min(cap, max(1, n // max(1, min_groups)))
 
 
-def _sequences_stream(split: Split, cfg: RecipeConfig) -> tuple[pa.Table, int, dict]:
-    seqs = split.train_sequences()
+def _sequences_stream(split: Split, cfg: RecipeConfig, by_domain: bool = False) -> tuple[pa.Table, int, dict]:
+    seqs = split.train_sequences(by_domain=by_domain)
     seqs = seqs.filter(pc.greater_equal(pc.list_value_length(seqs["items"]), 2))
     seqs = first_samples(seqs, cfg.max_train_samples, seed=SAMPLE_SEED, where="data.max_train_samples")
     group = _group_rows(seqs.num_rows, cfg.rows_per_group, cfg.min_groups)
     samples = int(pc.sum(pc.list_value_length(seqs["items"])).as_py() or 0) - seqs.num_rows
-    return seqs, group, {"train_sequences": seqs.num_rows, "train_samples": samples, "row_group_rows": group}
+    if not by_domain:
+        return seqs, group, {"train_sequences": seqs.num_rows, "train_samples": samples, "row_group_rows": group}
+    per_domain = seqs.group_by("domain").aggregate([("domain", "count")]).sort_by("domain")
+    return seqs, group, {"train_by_domain_rows": dict(zip(per_domain["domain"].to_pylist(),
+                                                          per_domain["domain_count"].to_pylist())),
+                         "train_by_domain_samples": samples}
 
 
 def _labelled_stream(split: Split, source: InteractionsSource) -> pa.Table:
@@ -292,8 +304,8 @@ class LocalRecipe:
         stats = dict(split.stats)
         streams = {}
         for name in cfg.streams:
-            if name == "train":
-                table, group, more = _sequences_stream(split, cfg)
+            if name in ("train", "train_by_domain"):
+                table, group, more = _sequences_stream(split, cfg, by_domain=name == "train_by_domain")
                 stats.update(more)
             else:
                 table = _labelled_stream(split, source) if name == "labelled" else _items_stream(split, source)

@@ -25,10 +25,13 @@ what every test user gets) and the popularity offset eps^z (lambda_z is not repo
 Engine contract: see `xdtrain.nn.sparse` (make_batch / sparse_ids / forward / scorer). On the engine
 (`model: {name: prerec}`), `from_data` encodes the `items` side table's text with the configured
 sentence-transformers model (cached as Parquet) and counts popularity from the `interactions` table.
-Training rows are per-user cross-domain sequences, split here into per-(user, domain) rows; eval
-rows are scored with the history of their own domain. For transfer, list every domain of the
-experiment in `model.domains` (sources and targets) so all jobs share one dense shape: a domain
-never trained keeps D_k = 0 and zero offsets, which is exactly the zero-shot model of Eq. 8.
+Training rows are per-(user, domain) sequences (the recipe's `train_by_domain` stream), drawn
+domain-balanced with replacement (spec sec. 2.6, `balanced`; `xdtrain.data.sampler`); with
+`balanced=False`, per-user cross-domain rows (stream `train`, each once per epoch), split here into
+per-(user, domain) rows. Eval rows are scored with the history of their own domain. For transfer,
+list every domain of the experiment in `model.domains` (sources and targets) so all jobs share one
+dense shape: a domain never trained keeps D_k = 0 and zero offsets, which is exactly the zero-shot
+model of Eq. 8.
 """
 
 from __future__ import annotations
@@ -56,11 +59,13 @@ from xdtrain.models.prerec_data import (
 )
 from xdtrain.nn import SASRec
 from xdtrain.nn.losses import sampled_softmax_loss
+from xdtrain.nn.program import DEFAULT_STREAM, StreamSpec
 from xdtrain.nn.sparse import Pull, Rows
 from xdtrain.ps import OptimizerSpec, TableSpec
 from xdtrain.text.cache import ItemVectors, TextEncodeConfig, side_table_vectors
 
 OFFSETS = "prerec_item_offset"  # PS table of eps^v, one row per (domain, item)
+BALANCED_DATASET = "train_by_domain"  # the recipe stream of (user, domain) rows the balanced sampler reads
 
 
 @dataclass
@@ -86,7 +91,9 @@ class PreRecConfig:
     max_targets_per_row: int = 0  # 0: train every target of a row's window; k: a random k of them
     inference: Literal["auto", "zero_shot"] = "auto"  # auto: a trained domain uses D and offsets
     init_std: float = 0.02  # N(0, init_std) for f_NN, f_pop, W_z, W_d (code)
-    # ---- engine (from_data)
+    # ---- engine (from_data, streams)
+    balanced: bool = True  # spec sec. 2.6: domain-balanced draws of (user, domain) rows; needs
+    # data.streams [..., train_by_domain]. False: the per-user rows of stream `train`, each once an epoch
     domains: list[str] = field(default_factory=list)  # rows of D ([] = the domains the job trains on)
     chunk: bool = True  # cut long rows into max_len + 1 windows: every target trained once per epoch
     text_model: str = "minilm"  # sentence-transformers model: the shipped MiniLM or a local directory
@@ -233,6 +240,12 @@ class PreRec(nn.Module):
             return []
         # eps^v starts at its prior mean 0; new (domain, item) ids are admitted as zeros too.
         return [TableSpec(OFFSETS, self.cfg.d, init="zeros", optimizer=OptimizerSpec("adam", lr=self.cfg.offset_lr))]
+
+    def streams(self) -> dict[str, StreamSpec]:
+        """Spec sec. 2.6: each domain equally likely per draw, so single-domain rows (or the default stream)."""
+        if not self.cfg.balanced:
+            return {DEFAULT_STREAM: StreamSpec()}
+        return {DEFAULT_STREAM: StreamSpec(dataset=BALANCED_DATASET, sampler="domain_balanced")}
 
     def make_batch(self, rows: pa.Table, rng: np.random.Generator) -> dict[str, Tensor]:
         cfg = self.cfg

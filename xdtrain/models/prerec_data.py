@@ -1,4 +1,5 @@
-"""PreRec's data side: training batches from user sequences, eval rows, seen/unseen flags, sampling.
+"""PreRec's data side: training batches from user sequences, eval rows, seen/unseen flags
+(domain-balanced sampling: `xdtrain.data.sampler`).
 
 Training rows are per-(user, domain) sequences as `xdtrain.data.sequences.build_sequences` writes
 them (user_id, domain, items, timestamps; oldest first). A row's last `max_len + 1` items give
@@ -152,15 +153,6 @@ def build_batch(rows: pa.Table, rng: np.random.Generator, *, domains: Sequence[s
                 F_neg[sel] = popularity.factors(d, neg[sel], tday[sel][:, None])
         batch["pop_pos"], batch["pop_neg"] = torch.from_numpy(F_pos), torch.from_numpy(F_neg)
     return batch
-
-
-def domain_balanced_indices(domains: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """`n` row indices drawn with replacement so that each domain is equally likely per draw
-    (code: WeightedRandomSampler with weight 1 / (rows of the domain * number of domains))."""
-    doms = np.asarray(domains, dtype=object)
-    names, inv, counts = np.unique(doms, return_inverse=True, return_counts=True)
-    p = 1.0 / (counts[inv] * len(names))
-    return rng.choice(len(doms), size=n, replace=True, p=p / p.sum())
 
 
 def chunk_sequences(seqs: pa.Table, max_len: int) -> pa.Table:

@@ -28,6 +28,7 @@ from typing import Literal
 
 DEFAULT_STREAM = "train"
 DEFAULT_OPTIMIZER = "main"
+SAMPLERS = ("", "domain_balanced")  # "": the shuffled reader; see xdtrain.data.sampler
 FROM_CONFIG = None  # a field left at None takes the job config's value (train.lr, train.batch_size, ...)
 
 
@@ -39,7 +40,8 @@ class StreamSpec:
     batch_size: int | None = FROM_CONFIG  # global rows per iteration, split over the workers
     drop_last: bool = False  # a worker skips its last short batch
     cycle: bool = False  # restart when exhausted (the smaller domain repeats while the larger runs)
-    sampler: Literal["", "domain_balanced"] = ""  # domain_balanced: every domain equally likely per row
+    sampler: Literal["", "domain_balanced"] = ""  # domain_balanced: every domain equally likely per draw,
+    # rows drawn with replacement (xdtrain.data.sampler; the dataset needs a `domain` column)
     seed: int = 0  # added to train.seed for this stream's shuffle (two streams over one dataset differ)
 
 
@@ -122,6 +124,8 @@ def _check(prog: Program) -> None:
     for name, s in prog.streams.items():
         if s.batch_size is not None and s.batch_size < 1:
             raise ValueError(f"streams()[{name!r}].batch_size must be >= 1, got {s.batch_size}")
+        if s.sampler not in SAMPLERS:
+            raise ValueError(f"streams()[{name!r}].sampler: unknown {s.sampler!r}; expected one of {SAMPLERS}")
     for ph in prog.phases:
         if not ph.steps:
             raise ValueError(f"phase {ph.name!r}: no steps")

@@ -41,7 +41,7 @@ class DataConfig:
     max_train_samples: int = 0  # keep the first N next-item train samples (incremental fine-tuning; 0 = all)
     # The data recipe (xdtrain/data/recipes.py): the split, and the training streams written from it.
     recipe: str = "leave_one_out"  # leave_one_out | leave_one_out_domain | chronological | user
-    streams: list[str] = field(default_factory=lambda: ["train"])  # of: train, labelled, items
+    streams: list[str] = field(default_factory=lambda: ["train"])  # of: train, train_by_domain, labelled, items
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # chronological (no times), user
     split_times: list[float] = field(default_factory=list)  # chronological: cut times [t1, t2]
     split_seed: int = 0  # user: seed of the user hash

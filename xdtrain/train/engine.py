@@ -109,6 +109,15 @@ def stream_datasets(data: PreparedData) -> dict[str, tuple[str, str]]:
     return {name: (url, data.stream_tables[name]) for name, url in data.streams.items()}
 
 
+def check_stream_datasets(model, data: PreparedData) -> None:
+    """Every dataset the model's streams read was prepared; a ConfigError (exit 2) before any worker starts."""
+    specs = model.streams() if hasattr(model, "streams") else {}
+    for name, spec in specs.items():
+        if spec.dataset not in data.streams:
+            raise ConfigError(f"data.streams: the model's stream {name!r} reads dataset {spec.dataset!r}, but the "
+                              f"data recipe prepares only {sorted(data.streams)}; add {spec.dataset!r} to data.streams")
+
+
 def fit(cfg: EngineConfig, data: PreparedData, ps, ps_init: str, board, init_dense: str = "",
         faults: dict | None = None):
     """Run the Ray Train part; returns Ray's Result."""
@@ -163,6 +172,7 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
     model = build_model(cfg.model, data.model_data, cfg.train.seed)
+    check_stream_datasets(model, data)
     ps = make_ps(cfg, run_dir.name)
     for spec in model.sparse_tables():
         ps.create_table(spec)

@@ -2,9 +2,10 @@
 the model's batches.
 
 A stream reads its rank's shard of one prepared dataset (`xdtrain.data.reader`), `batch_size //
-world` rows at a time. A cycling stream starts its next epoch as soon as it runs dry; a
-non-cycling one reports exhaustion and the engine ends that stream's epoch once every worker
-has. Batches are a function of (seed, rank, stream epoch, rows read before them), so a resumed
+world` rows at a time; with `sampler="domain_balanced"` it draws them, domain-balanced and with
+replacement, from that shard (`xdtrain.data.sampler`). A cycling stream starts its next epoch as
+soon as it runs dry; a non-cycling one reports exhaustion and the engine ends that stream's epoch
+once every worker has. Batches are a function of (seed, rank, stream epoch, rows read before them), so a resumed
 run draws the same negatives as an uninterrupted one.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from xdtrain.data.reader import ParquetStreamReader
+from xdtrain.data.sampler import BalancedSampleReader
 from xdtrain.data.schemas import DataError
 from xdtrain.nn.program import DEFAULT_STREAM, StreamSpec
 
@@ -40,9 +42,13 @@ class Stream:
         self.name, self.spec, self.data, self.model = name, spec, data, model
         self.world, self.rank, self.seed = world, rank, seed + spec.seed
         self.local_batch = max(1, int(spec.batch_size) // world)
-        self.reader = ParquetStreamReader(data.url, data.table, batch_size=self.local_batch,
-                                          shuffle_buffer=shuffle_buffer, seed=self.seed,
-                                          world_size=world, rank=rank)
+        if spec.sampler == "domain_balanced":
+            self.reader = BalancedSampleReader(data.url, data.table, batch_size=self.local_batch, seed=self.seed,
+                                               world_size=world, rank=rank)
+        else:
+            self.reader = ParquetStreamReader(data.url, data.table, batch_size=self.local_batch,
+                                              shuffle_buffer=shuffle_buffer, seed=self.seed,
+                                              world_size=world, rank=rank)
         self._it = None
         self._spare: dict | None = None
         # The default stream keeps the engine's original batch seeds; others mix in their name.
