@@ -170,3 +170,24 @@ def test_baselines_run_in_the_same_harness(mim_on, estimator, steps):
     assert scores["logit"].shape == (32, 2)
     p = torch.sigmoid(scores["logit"])
     assert ((p > 0) & (p < 1)).all()
+
+
+@pytest.mark.parametrize("k_u", [0.25, 0.75])
+def test_the_propensity_head_calibrates_to_the_k_u_selection(k_u):
+    """Spec A7: with the overlap flag in its input, BCE on o gives p̂ ≈ 1 (overlapping) and ≈ K_u."""
+    model, _, _ = setup()
+    torch.manual_seed(0)
+    n = 2000
+    x = torch.randn(n, 1, 2 * 8)
+    ov = (torch.rand(n) < 0.3).float()
+    o = torch.where(ov > 0, torch.ones(n), (torch.rand(n) < k_u).float())
+    opt = torch.optim.Adam(model.propensity.parameters(), lr=0.01)
+    for _ in range(300):
+        logit = model.propensity(torch.cat([x, ov[:, None, None]], -1)).reshape(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, o)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = torch.sigmoid(model.propensity(torch.cat([x, ov[:, None, None]], -1)).reshape(-1)).detach()
+    assert float(p[ov > 0].mean()) > 0.9
+    assert abs(float(p[ov == 0].mean()) - k_u) < 0.06

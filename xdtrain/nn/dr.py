@@ -24,16 +24,24 @@ from torch import Tensor
 
 
 def domain_mean(x: Tensor, domain: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
-    """(1/|Z|) Σ_Z of the (weighted) mean of x over domain Z's pairs; domains with no weight are skipped."""
+    """(1/|Z|) Σ_Z of the (weighted) mean of x over domain Z's pairs; domains with no weight are skipped.
+
+    `domain` labels the trailing dims of x (x [..., *domain.shape]); leading dims are kept, so
+    x [R, n] with domain [n] gives R estimates (R observation draws at once). None = one domain."""
     w = torch.ones_like(x) if weight is None else weight.to(x.dtype)
+    x, w = torch.broadcast_tensors(x, w)
     if domain is None:
-        return (x * w).sum() / w.sum().clamp(min=1e-12)
-    means = []
-    for z in torch.unique(domain):
-        m = domain == z
-        if w[m].sum() > 0:
-            means.append((x[m] * w[m]).sum() / w[m].sum())
-    return torch.stack(means).mean() if means else x.sum() * 0.0
+        domain = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+    lead = x.shape[: x.dim() - domain.dim()]
+    x, w, d = x.reshape(*lead, -1), w.reshape(*lead, -1), domain.reshape(-1)
+    total, count = x.new_zeros(lead), x.new_zeros(lead)
+    for z in torch.unique(d):
+        m = d == z
+        ws = w[..., m].sum(-1)
+        has = ws > 0
+        total = total + torch.where(has, (x[..., m] * w[..., m]).sum(-1) / ws.clamp(min=1e-12), 0.0)
+        count = count + has.to(x.dtype)
+    return total / count.clamp(min=1)
 
 
 def naive_estimate(e: Tensor, o: Tensor, domain: Tensor | None = None) -> Tensor:
