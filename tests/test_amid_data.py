@@ -145,3 +145,19 @@ def test_split_is_80_20_by_row():
     rows = rows_from_interactions(fixture_logs(), fixture_config())
     train, test = split_rows(rows, 0.2, seed=0)
     assert train.num_rows + test.num_rows == rows.num_rows and abs(test.num_rows - 0.2 * rows.num_rows) <= 1
+
+
+def test_eval_tie_policy_reaches_the_evaluator_all_tied_positives_rank_last(tmp_path):
+    import torch
+
+    from xdtrain.train.config import EvalSection
+    from xdtrain.train.evaluation import RankingEval
+
+    cfg = load_config(EngineConfig, "configs/amid_released.yaml", [f"data.released_dir={FIXTURE}"])
+    test = prepare_data(cfg.data, tmp_path).test
+    tied = lambda users, items, domain: torch.zeros(items.shape, dtype=torch.float32)  # noqa: E731
+    for policy, rank in (("pessimistic", 21.0), ("average", 11.0)):  # 1-based, of 21 candidates
+        ev = RankingEval(test, EvalSection(candidates=["uniform:20"], tie_policy=policy, ks=[10]))
+        out = ev.flat(tied)
+        assert out["uniform:20/rank"] == pytest.approx(rank)
+        assert (out["uniform:20/hr@10"] == 0.0) is (policy == "pessimistic")
