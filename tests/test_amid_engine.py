@@ -35,3 +35,13 @@ def test_amid_runs_both_stages_on_two_workers_and_reports_by_overlap(ray_cluster
     assert groups["overlap=true"]["count"] == summary["data"]["test_overlap_rows"]
     assert groups["overlap=true"]["count"] + groups["overlap=false"]["count"] == test["count"]
     assert len(metrics["validations"]) == 2  # one per phase epoch (an O-pass then a D-pass)
+
+
+def test_the_same_config_runs_on_one_worker_with_the_in_process_ps(ray_cluster, tmp_path):
+    run = tmp_path / "amid1"
+    cfg = load_config(EngineConfig, "configs/amid_released.yaml",
+                      [f"run_dir={run}", f"data.released_dir={FIXTURE}", *SMALL, "train.epochs=1",
+                       "scale.workers=1", "ps.backend=local"])
+    summary = train(cfg)
+    test = json.loads((run / "metrics.json").read_text())["test"]["amid"]["uniform:20"]
+    assert test["count"] == summary["data"]["test_rows"] and 0 <= test["hr@10"] <= 1
