@@ -161,3 +161,11 @@ def test_eval_tie_policy_reaches_the_evaluator_all_tied_positives_rank_last(tmp_
         out = ev.flat(tied)
         assert out["uniform:20/rank"] == pytest.approx(rank)
         assert (out["uniform:20/hr@10"] == 0.0) is (policy == "pessimistic")
+
+
+def test_hide_other_turns_a_share_of_both_domain_users_into_single_domain_users():
+    full = rows_from_interactions(fixture_logs(), fixture_config())
+    hidden = rows_from_interactions(fixture_logs(), fixture_config(hide_other=0.5))
+    n_full, n_hidden = (pc.sum(t["overlap"]).as_py() for t in (full, hidden))
+    assert 0 < n_hidden < 0.8 * n_full
+    assert set(hidden["user_id"].to_pylist()) <= set(full["user_id"].to_pylist())
