@@ -139,8 +139,12 @@ def test_alg1_program_and_stage_2_updates_theta_only():
                                                                                  ("dr", ("D",), 1)]
     assert prog.optimizers["dr"].lr == 5e-6 and prog.optimizers["main"].lr == 5e-4
     opts = OptimizerSet(model, prog.optimizers)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     named = iterate(model, ps, opts, batches["main"], "main")
     assert {"pred", "imputation", "propensity", "loss"} <= set(named)
+    moved = {k.split(".")[0] + "." + k.split(".")[1] for k, v in model.state_dict().items()
+             if not torch.equal(v, start[k])}
+    assert {"enc.0", "enc.1", "mim.0", "mim.1", "predict.0", "impute.0", "propensity.0"} <= moved  # stage 1: all
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = np.unique(model.sparse_ids(batches["dr"])[ITEM].numpy())
     rows0 = ps.pull(ITEM, ids).clone()
