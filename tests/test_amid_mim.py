@@ -195,3 +195,17 @@ def test_the_propensity_head_calibrates_to_the_k_u_selection(k_u):
     p = torch.sigmoid(model.propensity(torch.cat([x, ov[:, None, None]], -1)).reshape(-1)).detach()
     assert float(p[ov > 0].mean()) > 0.9
     assert abs(float(p[ov == 0].mean()) - k_u) < 0.06
+
+
+@pytest.mark.parametrize("mim_on", [True, False])
+def test_only_mim_makes_a_user_depend_on_another_users_other_domain(mim_on):
+    model, ps, batches = setup(mim=mim_on, mim_k=-math.inf, estimator="none")
+    model.eval()
+    b = batches["main"]["O"]
+    j = int(torch.nonzero((b["d2"] != -1).any(1))[0])  # a row with a domain-2 list
+    i = int(torch.nonzero(((b["d2"] == -1).all(1)) & (b["dom"] == 0))[0])  # a domain-1-only user
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["d2"][j, 0] = 1079 if int(b["d2"][j, 0]) != 1079 else 1078
+    with torch.no_grad():
+        u = [model.represent(x, pull_rows(ps, model.sparse_ids(x))[ITEM])[i] for x in (b, b2)]
+    assert (not torch.allclose(u[0], u[1])) is mim_on
