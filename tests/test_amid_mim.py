@@ -181,12 +181,12 @@ def test_the_propensity_head_calibrates_to_the_k_u_selection(k_u):
     """Spec A7: with the overlap flag in its input, BCE on o gives p̂ ≈ 1 (overlapping) and ≈ K_u."""
     model, _, _ = setup()
     torch.manual_seed(0)
-    n = 2000
+    n = 1000
     x = torch.randn(n, 1, 2 * 8)
     ov = (torch.rand(n) < 0.3).float()
     o = torch.where(ov > 0, torch.ones(n), (torch.rand(n) < k_u).float())
-    opt = torch.optim.Adam(model.propensity.parameters(), lr=0.01)
-    for _ in range(300):
+    opt = torch.optim.Adam(model.propensity.parameters(), lr=0.02)
+    for _ in range(150):
         logit = model.propensity(torch.cat([x, ov[:, None, None]], -1)).reshape(-1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, o)
         opt.zero_grad()
