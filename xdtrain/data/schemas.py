@@ -59,6 +59,15 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("items", ("int_list",)),
         Column("timestamps", ("int_list",), required=False),
     ),
+    # One row per (user, target domain) of a two-domain pair (AMID, xdtrain.data.amid_rows): both
+    # domains' item lists in one id space, the target is the last item of domain `domain_id`'s list.
+    "two_domain_rows": (
+        Column("user_id", ("id",)),
+        Column("seq_d1", ("int_list",)),
+        Column("seq_d2", ("int_list",)),
+        Column("domain_id", ("int",)),
+        Column("ob_label", ("int",), required=False),
+    ),
     # Flat training rows that keep their feedback (`xdtrain.data.recipes`, stream "labelled"):
     # label (1 = positive, 0 = shown but not chosen, or a rating), observed (the row's user is observed).
     "labelled": (

@@ -61,6 +61,9 @@ class OptimSpec:
     total_steps: int = 0  # linear: reaches 0 at this step
     noam_d: int = 0  # noam: lr * d^-0.5 * min(t^-0.5, t * warmup^-1.5) (Vaswani et al. 2017, eq. 3)
     clip: float = 0.0  # max global grad norm of its parameters (0 = no clipping)
+    # True: a second optimizer over parameters another one owns (AMID's slow stage-2 Adam over θ):
+    # it steps every parameter its prefixes match and takes no part in the longest-prefix ownership.
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def _check(prog: Program) -> None:
             raise ValueError(f"optimizers()[{name!r}]: a linear schedule needs total_steps > warmup_steps")
         if o.schedule == "noam" and (o.noam_d <= 0 or o.warmup_steps <= 0):
             raise ValueError(f"optimizers()[{name!r}]: noam needs noam_d > 0 and warmup_steps > 0")
-        for p in o.params:
+        for p in () if o.shared else o.params:
             if p in owners:
                 raise ValueError(f"optimizers(): prefix {p!r} belongs to both {owners[p]!r} and {name!r}")
             owners[p] = name

@@ -24,7 +24,7 @@ TABLE_MODES = ("keep", "new", "import")
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "movielens", "parquet"] = "synthetic"
+    source: Literal["synthetic", "movielens", "parquet", "released"] = "synthetic"  # released: AMID CSVs
     world_config: str = "configs/world_demo.yaml"  # synthetic: generated into <run_dir>/world ...
     world_url: str = ""  # ... unless an existing world (or any canonical interactions dataset) is given
     dataset: str = "ml-1m"  # movielens: ml-1m | ml-100k
@@ -47,6 +47,14 @@ class DataConfig:
     split_seed: int = 0  # user: seed of the user hash
     max_history: int = 0  # eval rows keep the last N history items (0 = all)
     flat_rows_per_group: int = 65536  # rows per Parquet row group of the labelled and items streams
+    # Recipe `amid` (xdtrain/data/amid_rows.py): two-domain (user, target domain) rows, streams O and D.
+    released_dir: str = ""  # source `released`: the folder of <pair>_train{K}.csv, _train{K}_DR.csv, _test.csv
+    pair: str = ""  # "<domain 1>_<domain 2>", e.g. cloth_sport: the file prefix and the two domains, in order
+    k_u: float = 0.25  # share of non-overlapping train rows observed (in O)
+    valid_ratio: float = 0.1  # observed train rows carved out for model selection
+    test_ratio: float = 0.2  # logs path: rows to test
+    amid_min_seq: int = 5  # logs path: a row needs >= this many target items, the other domain >= this or none
+    hide_other: float = 0.0  # logs path: share of both-domain users whose other domain is dropped
 
 
 @dataclass
@@ -107,6 +115,7 @@ class EvalSection:
     rndcg_a: float = 2.0  # r-NDCG = log(a) / log(a + b (rank - 1) / N)  (paper Eq. 11)
     rndcg_b: float = 15000.0
     groups: list[str] = field(default_factory=list)  # eval-row columns to break results down by, e.g. [unseen]
+    tie_policy: Literal["pessimistic", "optimistic", "average"] = "average"  # a positive tied with negatives
     baselines: list[str] = field(default_factory=lambda: ["pop"])  # also scored at test time: pop, random, sbert
     text_model: str = "minilm"  # sbert baseline: sentence-transformers model of the item texts
     text_cache: str = ""  # sbert baseline: text-vector cache ("" = the model's text_cache, or <run_dir>/cache/text)

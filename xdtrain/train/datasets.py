@@ -118,6 +118,8 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
     """Load, filter domains, run the data recipe (split, write the streams); see the module docstring."""
     run_dir = Path(run_dir)
     t0 = time.time()
+    if cfg.recipe == "amid" or cfg.source == "released":
+        return _prepare_amid(cfg, run_dir, min_groups, t0)
     rcfg = recipe_config(cfg, min_groups)
     rcfg.check()  # a bad recipe fails before any loading
     recipe = get_recipe(rcfg.name)
@@ -148,6 +150,41 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
     stats = {**out.stats, "prepare_seconds": round(time.time() - t0, 1), "source": name}
     streams = {k: v.url for k, v in out.streams.items()}
     return PreparedData(streams.get("train", ""), model_data, valid, test, stats, streams,
+                        {k: v.table for k, v in out.streams.items()})
+
+
+def amid_config(cfg: DataConfig, min_groups: int = 1):
+    """The AMID rows config of the `data:` section: domains from train_domains (two), else data.pair."""
+    from xdtrain.data.amid_rows import AmidDataConfig
+
+    if cfg.recipe != "amid":
+        raise DataError(f"data.source 'released' needs data.recipe 'amid', got {cfg.recipe!r}")
+    domains = list(cfg.train_domains) or [d for d in cfg.pair.split("_") if d]
+    if len(domains) != 2:
+        raise DataError(f"data.pair: expected '<domain 1>_<domain 2>' (or two data.train_domains), got {cfg.pair!r}")
+    return AmidDataConfig((domains[0], domains[1]), k_u=cfg.k_u, test_ratio=cfg.test_ratio,
+                          valid_ratio=cfg.valid_ratio, min_seq=cfg.amid_min_seq, hide_other=cfg.hide_other,
+                          seed=cfg.split_seed, rows_per_group=cfg.rows_per_group, min_groups=min_groups)
+
+
+def _prepare_amid(cfg: DataConfig, run_dir: Path, min_groups: int, t0: float) -> PreparedData:
+    """Recipe `amid`: two-domain rows from the released CSVs or from canonical logs (streams O, D)."""
+    from xdtrain.data import amid_rows
+
+    acfg = amid_config(cfg, min_groups)
+    if cfg.source == "released":
+        if not cfg.released_dir or not cfg.pair:
+            raise DataError("data.released_dir and data.pair: both required when data.source is 'released'")
+        rows, name, tables = amid_rows.read_released(cfg.released_dir, cfg.pair, acfg), cfg.released_dir, {}
+    else:
+        inter, name, tables = load_interactions(cfg, run_dir)
+        rows = amid_rows.rows_from_logs(inter, acfg)
+    out = amid_rows.recipe_output(rows, acfg, run_dir / "data", name)
+    domains = list(acfg.domains)
+    model_data = ModelData(item_ids=out.item_ids, domains=domains, item_domains=dict(out.valid.catalogue),
+                           tables=tables, extras={"train_domains": domains, "cache_dir": str(run_dir / "cache")})
+    stats = {**out.stats, "prepare_seconds": round(time.time() - t0, 1), "source": name}
+    return PreparedData("", model_data, out.valid, out.test, stats, {k: v.url for k, v in out.streams.items()},
                         {k: v.table for k, v in out.streams.items()})
 
 

@@ -27,7 +27,7 @@ class RankingEval:
         self.data, self.cfg = data, cfg
         self.configs = [EvalConfig(candidates=c, ks=list(ks or cfg.ks), seed=cfg.seed, user_batch=cfg.batch_size,
                                    k_percents=list(cfg.k_percents), rndcg_a=cfg.rndcg_a, rndcg_b=cfg.rndcg_b,
-                                   groups=list(cfg.groups))
+                                   groups=list(cfg.groups), tie_policy=cfg.tie_policy)
                         for c in cfg.candidates]
         self.candidates = [prepare_candidates(data, c.spec()) for c in self.configs]
 
