@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from xdtrain.cli import main
 from xdtrain.jobrunner import job_main, results_table
+from xdtrain.outputs import claim_output_dir
 
 
 def test_help_lists_jobs(capsys):
@@ -66,9 +67,11 @@ def test_results_table_is_compact_and_aligned():
 
 
 def test_job_prints_the_table_and_writes_the_whole_summary(tmp_path, capsys):
-    summary = {**{k: v for k, v in SUMMARY.items() if k != "config"}, "run_dir": str(tmp_path)}
+    run = claim_output_dir(tmp_path / "run", "run_dir")  # a job writes metrics.json only into its own folder
+    summary = {**{k: v for k, v in SUMMARY.items() if k != "config"}, "run_dir": str(run)}
     assert job_main("toy", ToyConfig, lambda cfg: dict(summary), []) == 0
     out = capsys.readouterr().out
+    tmp_path = run
     assert "xdtrain toy: done in" in out and "seqrec full   3000" in out and "validations" not in out
     assert f"metrics  {tmp_path / 'metrics.json'}" in out
     written = json.loads((tmp_path / "metrics.json").read_text())
