@@ -223,7 +223,7 @@ def test_pretrain_world_regeneration_keeps_user_files(tmp_path):
     notes.unlink()
     notes.parent.rmdir()
     del made[notes]
-    inter, _, _ = load_interactions(cfg, run)  # generated into run/world; world.partial is not its own
+    inter = load_interactions(cfg, run).table  # generated into run/world; world.partial is not its own
     assert inter.num_rows > 0 and is_owned(run / "world") and intact(made)
 
 

@@ -31,7 +31,8 @@ from xdtrain.models import build_model, model_config
 from xdtrain.outputs import claim_output_dir, write_json_atomic
 from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
-from xdtrain.train.config import EngineConfig
+from xdtrain.train import plan
+from xdtrain.train.config import EngineConfig, check_ranges
 from xdtrain.train.datasets import PreparedData, prepare_data
 from xdtrain.train.evaluation import summarize_tests, test_report
 from xdtrain.train.progress import ProgressBoard, ProgressWatcher
@@ -69,16 +70,24 @@ def connect_ray(cfg: EngineConfig, log: RayLog | None = None) -> bool:
 
 def _check(cfg: EngineConfig) -> None:
     s = cfg.scale
-    if s.workers < 1:
-        raise ConfigError(f"scale.workers must be >= 1, got {s.workers}")
+    check_ranges(cfg)
     if s.min_workers and not 1 <= s.min_workers <= s.workers:
         raise ConfigError(f"scale.min_workers must be in [1, scale.workers={s.workers}], got {s.min_workers}")
     if cfg.ps.backend == "local" and (s.workers > 1 or s.min_workers > 1):
         raise ConfigError("ps.backend 'local' keeps tables inside the one worker: use scale.workers=1 "
                           "or ps.backend=ray")
-    if cfg.ps.shards < 1:
-        raise ConfigError(f"ps.shards must be >= 1, got {cfg.ps.shards}")
     model_config(cfg.model)  # a bad model section fails before any data or Ray work
+
+
+def check_program(cfg: EngineConfig, model) -> None:
+    """The model's training program under this config, checked on the driver before any Ray work
+    (e.g. train.epochs=0 with a program whose phases count epochs)."""
+    t = cfg.train
+    try:
+        plan.program_for(model, t)
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model.get('name')!r} cannot train with train.epochs={t.epochs}, "
+                          f"train.batch_size={t.batch_size}: {e}") from None
 
 
 def make_ps(cfg: EngineConfig, run_id: str):
@@ -157,10 +166,12 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
 
 def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -> dict:
     t0 = time.time()
-    connect_ray(cfg, log)
+    # Data and model first: bad input or config fails in seconds, before Ray starts.
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
     model = build_model(cfg.model, data.model_data, cfg.train.seed)
+    check_program(cfg, model)
+    connect_ray(cfg, log)
     ps = make_ps(cfg, run_dir.name)
     for spec in model.sparse_tables():
         ps.create_table(spec)
@@ -249,6 +260,7 @@ def run_evaluate(cfg: EngineConfig) -> dict:
     """`python -m jobs.evaluate --config ... init_from=<checkpoint>`: test a checkpoint, no training."""
     if not cfg.init_from:
         raise ConfigError("evaluate: set init_from=<checkpoint directory>")
+    check_ranges(cfg)
     src = Path(cfg.init_from).resolve()
     state = ck.load_state(src)
     run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from xdtrain.models import build_model
-from xdtrain.nn.program import Phase, Step, resolve_program
+from xdtrain.nn.program import Phase, Step
 from xdtrain.nn.sparse import prefetch_rows, pull_rows, push_grads
 from xdtrain.train import checkpointing as ck
 from xdtrain.train import plan
@@ -123,8 +123,7 @@ class Worker:
         self.device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
         self.model.to(self.device)
         self.ps = _make_ps(cfg, config["ps"])
-        self.prog = resolve_program(self.model, batch_size=t.batch_size, epochs=t.epochs, patience=t.patience,
-                                    lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+        self.prog = plan.program_for(self.model, t)
         self.optimizers = OptimizerSet(self.model, self.prog.optimizers)
         datasets = {k: Dataset(*v) for k, v in config["datasets"].items()}
         self.streams = {name: Stream(name, spec, self._dataset(datasets, name, spec.dataset), self.model,
