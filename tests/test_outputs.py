@@ -228,8 +228,11 @@ def test_pretrain_world_regeneration_keeps_user_files(tmp_path):
 
 
 def _engine_checkpoint(root: Path, step: int) -> Path:
+    from xdtrain.train.checkpointing import write_manifest
+
     d = root / f"checkpoint_{step:09d}_a000"
     user_files(d, "engine.json", "dense.safetensors", "optimizer.pt", "cursor-rank0.json", "ps/MANIFEST.json")
+    write_manifest(d)
     return d
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -45,6 +46,11 @@ def job_main(name: str, config_cls: type[C], run: Callable[[C], dict], argv: lis
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"xdtrain {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"xdtrain {name}: disk full: {e}", file=sys.stderr)  # no traceback: the line says it all
+        return 1
     summary = dict(summary or {})
     summary.setdefault("job", name)
     summary.setdefault("wall_seconds", round(time.time() - start, 3))

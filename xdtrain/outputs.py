@@ -278,7 +278,8 @@ def remove_owned(path: str | Path, root: str | Path, fs: fsspec.AbstractFileSyst
     _rm(fs, p)
 
 
-def _alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` runs on this host (one of another user's counts too)."""
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError, TypeError):
@@ -332,7 +333,8 @@ class StagedDir:
             if not entry.rstrip("/").rpartition("/")[2].startswith(prefix):
                 continue
             rec = read_marker(entry, self.fs) or {}
-            if rec.get("path") == self.out and rec.get("host") == socket.gethostname() and not _alive(rec.get("pid")):
+            mine = rec.get("path") == self.out and rec.get("host") == socket.gethostname()
+            if mine and not pid_alive(rec.get("pid")):
                 _rm(self.fs, resolve(entry, self.fs)[1])
 
     def _check_out(self) -> None:

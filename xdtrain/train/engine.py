@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from xdtrain.config import ConfigError, to_dict
 from xdtrain.models import build_model, model_config
 from xdtrain.outputs import claim_output_dir, write_json_atomic
+from xdtrain.ps.shm import reclaim_orphans
 from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
 from xdtrain.train import plan
@@ -151,7 +152,7 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
         raise RuntimeError(f"{run_dir / RUN_NAME}: training wrote no checkpoint")
     state = ck.load_state(latest)
     best = run_dir / RUN_NAME / state.best_dir
-    if state.best_dir and (best / ck.ENGINE_FILE).exists():
+    if state.best_dir and ck.is_complete(best):
         return best, state
     return latest, state
 
@@ -159,6 +160,9 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
 def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     """The pretrain job (see the module docstring); returns the summary written to metrics.json."""
     _check(cfg)
+    for named in (cfg.resume_from, cfg.init_from):  # a checkpoint a user names must be complete
+        if named:
+            ck.require_complete(named)
     run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)  # before anything is written
     with RayLog(run_dir, cfg.verbose) as log:
         return _train(cfg, run_dir, log, faults)
@@ -166,6 +170,7 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
 
 def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -> dict:
     t0 = time.time()
+    reclaim_orphans()  # shared-memory buffers of crashed runs
     # Data and model first: bad input or config fails in seconds, before Ray starts.
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
@@ -177,8 +182,7 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
         ps.create_table(spec)
     init_dense = ""
     if cfg.init_from:
-        src = Path(cfg.init_from)
-        ck.load_state(src)  # fails clearly when it is not a checkpoint
+        src = Path(cfg.init_from)  # verified in `train`
         ps_init, init_dense = ck.ps_url(src), str(src)
     else:
         ps_init = str(run_dir / "ps_init")
@@ -192,7 +196,7 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     t_fit = time.time()
     result = fit(cfg, data, ps, ps_init, board, init_dense, faults)
     if result.error is not None:
-        raise result.error
+        raise ck.disk_full(result.error) or result.error
     fit_seconds = time.time() - t_fit
     summary = finish(cfg, data, model, ps, run_dir)
     attempts = ray.get(board.since.remote(0))[2]
@@ -202,6 +206,7 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
         summary["ps_stats"] = {k: v for k, v in ps.stats(shards=False).items()}
         summary["ps_shard_pids"] = ps.shard_pids()
     write_json_atomic(run_dir / "metrics.json", summary)  # the job runner rewrites it with the config
+    reclaim_orphans()  # Ray Train stops its workers with SIGKILL: their buffers are left
     summary["report"] = render_report(str(run_dir)).get("html", "")
     print(f"[xdtrain] report: {summary['report']}")
     return summary
@@ -262,7 +267,7 @@ def run_evaluate(cfg: EngineConfig) -> dict:
         raise ConfigError("evaluate: set init_from=<checkpoint directory>")
     check_ranges(cfg)
     src = Path(cfg.init_from).resolve()
-    state = ck.load_state(src)
+    state = ck.open_checkpoint(src)
     run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)
     with RayLog(run_dir, cfg.verbose) as log:
         if cfg.ps.backend == "ray":

@@ -151,9 +151,9 @@ class Worker:
 
     # ---- restore ---------------------------------------------------------------------------------
     def _restore(self, config: dict) -> None:
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None and config.get("resume_from"):
-            ckpt = Checkpoint(config["resume_from"])
+        # The newest complete checkpoint (Ray Train's latest may be incomplete), else resume_from.
+        found = ck.resume_point(config.get("resume_from", ""), self.storage)
+        ckpt = Checkpoint(found) if found else None
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 self.state = ck.load_state(d)
@@ -341,19 +341,27 @@ class Worker:
         if metrics and self.state.best_step == self.state.step:
             self.state.best_dir = name
         self.state.ps_url = ck.ps_url(final)
-        if self.rank == 0:
-            self.ps.checkpoint(self.state.ps_url)
-        tmp = tempfile.mkdtemp(prefix="xdtrain-ckpt-")
         try:
-            ck.save_cursor(tmp, self.rank, self._cursors())
             if self.rank == 0:
-                ck.save_rank0(tmp, self.state, self.model, self.optimizers)
-            score = (metrics or {}).get(self.valid.monitor) if self.valid is not None else None
-            report = {"step": self.state.step, "epoch": self.state.epoch,
-                      "score": float(score) if score is not None else NO_SCORE + self.state.step, **(metrics or {})}
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                self.ps.checkpoint(self.state.ps_url)
+            tmp = tempfile.mkdtemp(prefix="xdtrain-ckpt-")
+            try:
+                ck.save_cursor(tmp, self.rank, self._cursors())
+                if self.rank == 0:
+                    ck.save_rank0(tmp, self.state, self.model, self.optimizers)
+                score = (metrics or {}).get(self.valid.monitor) if self.valid is not None else None
+                report = {"step": self.state.step, "epoch": self.state.epoch,
+                          "score": float(score) if score is not None else NO_SCORE + self.state.step,
+                          **(metrics or {})}
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier(self.world)  # report returns once this worker's files are in place, not everyone's
+            if self.rank == 0:
+                ck.write_manifest(final)  # last: from here on the checkpoint counts
+        except Exception as e:
+            ck.raise_if_disk_full(e, final, discard=self.rank == 0)
+            raise
         self._committed(self.state.ps_url)
         if self.rank == 0:
             ck.prune(self.storage, self.cfg.train.keep_checkpoints, {self.state.best_dir, name})
