@@ -17,7 +17,7 @@ import torch
 
 from jobs import finetune, pretrain
 from xdtrain.data.schemas import DataError
-from xdtrain.outputs import claim_output_dir
+from xdtrain.outputs import DiskFullError, claim_output_dir, disk_full
 from xdtrain.ps.local import LocalPS
 from xdtrain.ps.table import TableSpec
 from xdtrain.train import checkpointing as ck
@@ -161,15 +161,15 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_loadable(tmp_pa
         storage = claim_output_dir(disk / "run", "run_dir") / "train"
         prev, _ = write_checkpoint(storage, 2)  # ~10 KB
         final = storage / ck.checkpoint_name(4)
-        with pytest.raises(ck.DiskFullError) as err:
+        with pytest.raises(DiskFullError) as err:
             try:
                 write_checkpoint(storage, 4, rows=20000, dim=32)  # ~2.5 MB of PS rows: does not fit
             except OSError as e:  # what the worker's checkpoint does with any error
                 ck.raise_if_disk_full(e, final, discard=True)
                 raise
         msg = str(err.value)
-        assert "\n" not in msg and msg.startswith(f"{final}: no space left on device (")
-        assert msg.endswith(f"while writing this checkpoint; the previous checkpoint {prev} is intact")
+        assert msg == f"{final}: no space left on device while writing this checkpoint; " \
+                      f"the previous checkpoint {prev} is intact"
         assert not final.exists()  # the partial checkpoint is gone: its space is free again
         assert ck.latest_checkpoint(storage) == prev and loads(prev)
         write_checkpoint(storage, 6)  # and the next checkpoint that fits is written
@@ -183,8 +183,9 @@ def test_a_full_disk_is_recognised_inside_ray_wrappers(tmp_path):
 
     inner = OSError(28, "No space left on device", str(tmp_path / "x"))
     task = RayTaskError("write_checkpoint", "traceback", inner).as_instanceof_cause()
-    worker = UserExceptionWithTraceback(ck.DiskFullError(f"{tmp_path}/checkpoint_000000004_a000: no space"), "tb")
+    worker = UserExceptionWithTraceback(DiskFullError(f"{tmp_path}/checkpoint_000000004_a000: no space"), "tb")
     group = WorkerGroupError("rank 0 failed", {0: worker})
-    assert str(ck.disk_full(group)) == f"{tmp_path}/checkpoint_000000004_a000: no space"
-    assert "No space left on device" in str(ck.disk_full(task))
-    assert ck.disk_full(WorkerGroupError("other", {0: UserExceptionWithTraceback(KeyError("x"), "tb")})) is None
+    assert str(disk_full(group)) == f"{tmp_path}/checkpoint_000000004_a000: no space"
+    assert str(disk_full(task)) == f"{tmp_path / 'x'}: no space left on device"  # the file, not Ray's traceback
+    assert str(disk_full(OSError(28, "No space left on device"), "run")) == "run: no space left on device"
+    assert disk_full(WorkerGroupError("other", {0: UserExceptionWithTraceback(KeyError("x"), "tb")})) is None

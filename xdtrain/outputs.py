@@ -22,10 +22,13 @@ moved folder is not taken for xdtrain's.
 
 Paths are local paths or fsspec URLs; a function given `fs` takes a plain path on that filesystem.
 Refusals raise `OutputError` (a `ConfigError`: the job runner turns it into one line and exit 2).
+A full disk met anywhere (also inside Ray workers and actors) becomes one `DiskFullError` naming
+where (`disk_full`): the job runner prints it as one line, exit 1.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -187,6 +190,50 @@ def _plain(x: Any) -> Any:
 def write_json_atomic(path: str | Path, obj: Any, fs: fsspec.AbstractFileSystem | None = None,
                       indent: int = 2) -> str:
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True, default=_plain), fs)
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+class DiskFullError(OSError):
+    """No space left on the device being written: one line naming where (a file, a folder)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __reduce__(self):  # travels from a Ray worker to the driver
+        return (type(self), (self.strerror,))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _causes(e: BaseException):
+    """`e` and what it wraps: causes, contexts, and Ray's wrappers of a worker's or a task's error."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None), getattr(x, "_base_exc", None),
+                 getattr(x, "controller_failure", None), *getattr(x, "worker_failures", {}).values()]
+
+
+def disk_full(e: BaseException, where: str | Path = "") -> DiskFullError | None:
+    """The full disk `e` is or wraps, as one DiskFullError (None when it is none): its own message
+    when it is one already, else naming the file that failed (or `where` when the error names none)."""
+    found = None
+    for x in _causes(e):
+        if isinstance(x, DiskFullError):
+            return DiskFullError(str(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC and found is None:
+            found = x
+    if found is None and not any("No space left on device" in str(x) for x in _causes(e)):
+        return None
+    path = getattr(found, "filename", None) or where
+    return DiskFullError(f"{path}: no space left on device" if path else "no space left on device")
 
 
 # ---------------------------------------------------------------- ownership

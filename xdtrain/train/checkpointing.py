@@ -20,7 +20,6 @@ previous one stays loadable.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -36,6 +35,8 @@ from xdtrain.data.schemas import DataError
 from xdtrain.outputs import (
     MARKER,
     AtomicFile,
+    DiskFullError,
+    disk_full,
     remove_owned,
     write_bytes_atomic,
     write_json_atomic,
@@ -261,57 +262,18 @@ def resume_point(requested: str, run_storage: str | Path) -> str:
 # ---------------------------------------------------------------- a full disk
 
 
-class DiskFullError(OSError):
-    """No space left while writing a checkpoint: one line naming it, and the previous one to use."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
-
-    def __reduce__(self):  # travels from a Ray worker to the driver
-        return (type(self), (self.strerror,))
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def _causes(e: BaseException):
-    """`e` and what it wraps (causes, contexts, Ray's wrappers of a worker's or task's error)."""
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        todo += [x.__cause__, x.__context__, getattr(x, "cause", None), getattr(x, "_base_exc", None),
-                 getattr(x, "controller_failure", None), *getattr(x, "worker_failures", {}).values()]
-
-
-def disk_full(e: BaseException) -> DiskFullError | None:
-    """The DiskFullError `e` is or wraps; a plain ENOSPC OSError becomes one; else None."""
-    plain = None
-    for x in _causes(e):
-        if isinstance(x, DiskFullError):
-            return DiskFullError(str(x))
-        if plain is None and ((isinstance(x, OSError) and x.errno == errno.ENOSPC)
-                              or "No space left on device" in str(x)):
-            plain = x
-    return None if plain is None else DiskFullError(f"no space left on device ({' '.join(str(plain).split())})")
-
-
 def raise_if_disk_full(e: BaseException, directory: str | Path, discard: bool) -> None:
     """When `e` is (or wraps) a full disk met writing checkpoint `directory`, raise one DiskFullError
     naming it and the previous complete checkpoint, after removing the partial one when `discard`
     (frees the space for the next try); otherwise return and let the caller re-raise `e`."""
-    full = disk_full(e)
-    if full is None:
+    if disk_full(e) is None:
         return
     d = Path(directory)
     if discard and is_engine_checkpoint(d) and not is_complete(d, checksums=False):
         remove_owned(d, d.parent, created=is_engine_checkpoint)
     prev = latest_checkpoint(d.parent)
     keep = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
-    raise DiskFullError(f"{d}: {full} while writing this checkpoint; {keep}") from e
+    raise DiskFullError(f"{d}: no space left on device while writing this checkpoint; {keep}") from e
 
 
 _NAME = re.compile(r"checkpoint_\d{9}_a\d{3}")  # checkpoint_name's pattern

@@ -165,7 +165,10 @@ def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
             ck.require_complete(named)
     run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)  # before anything is written
     with RayLog(run_dir, cfg.verbose) as log:
-        return _train(cfg, run_dir, log, faults)
+        try:
+            return _train(cfg, run_dir, log, faults)
+        finally:
+            reclaim_orphans()  # the shared memory of workers that ended without cleaning up (killed)
 
 
 def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -> dict:
@@ -196,7 +199,7 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     t_fit = time.time()
     result = fit(cfg, data, ps, ps_init, board, init_dense, faults)
     if result.error is not None:
-        raise ck.disk_full(result.error) or result.error
+        raise result.error  # a full disk in it: one line from the job runner (outputs.disk_full)
     fit_seconds = time.time() - t_fit
     summary = finish(cfg, data, model, ps, run_dir)
     attempts = ray.get(board.since.remote(0))[2]
@@ -206,7 +209,6 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
         summary["ps_stats"] = {k: v for k, v in ps.stats(shards=False).items()}
         summary["ps_shard_pids"] = ps.shard_pids()
     write_json_atomic(run_dir / "metrics.json", summary)  # the job runner rewrites it with the config
-    reclaim_orphans()  # Ray Train stops its workers with SIGKILL: their buffers are left
     summary["report"] = render_report(str(run_dir)).get("html", "")
     print(f"[xdtrain] report: {summary['report']}")
     return summary
