@@ -80,7 +80,7 @@ def _check(cfg: EngineConfig) -> None:
     model_config(cfg.model)  # a bad model section fails before any data or Ray work
 
 
-def check_program(cfg: EngineConfig, model) -> None:
+def check_program(cfg: EngineConfig, model: object) -> None:
     """The model's training program under this config, checked on the driver before any Ray work
     (e.g. train.epochs=0 with a program whose phases count epochs)."""
     t = cfg.train
