@@ -144,11 +144,17 @@ def test_validate_lists_every_bad_row_group(good):
 
 
 def test_empty_directory(tmp_path):
-    (tmp_path / "README.txt").write_text("not data")
+    (tmp_path / "_SUCCESS").write_text("")
     with pytest.raises(
         DataError, match=rf"{re.escape(str(tmp_path))}: empty dataset, no Parquet files found"
     ):
         ParquetStreamReader(str(tmp_path))
+
+
+def test_a_stray_file_is_named_not_skipped(good):
+    (good / "README.txt").write_text("not data")
+    with pytest.raises(DataError, match=r"README\.txt: not a Parquet file"):
+        ParquetStreamReader(str(good))
 
 
 def test_files_with_zero_rows(tmp_path):

@@ -6,14 +6,22 @@ All runs share the session's local Ray (tests/conftest.py) and one generated wor
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from enginekit import curve, engine_config, make_world, records, sequences_in
+from enginekit import curve, engine_config, make_world, overrides, records, sequences_in
+from test_checkpoints import small_tmpfs
 
+from jobs import pretrain
 from xdtrain.config import ConfigError
+from xdtrain.outputs import pid_alive
 from xdtrain.ps import read_export
+from xdtrain.ps.shm import SHM_DIR
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.engine import run_evaluate, train
 
@@ -132,3 +140,35 @@ def test_reconcile_ray_snapshot_forgets_pruned_checkpoints(tmp_path):
     assert got["validated_checkpoint_dir_names"] == names[1:]
     assert ck.reconcile_ray_snapshot(tmp_path) == []  # consistent now: left as it is
 
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(ray_cluster, world, tmp_path, capsys):
+    """run_dir on a tmpfs: a first run stops at step 3 with a checkpoint; the disk is then shrunk to
+    hold half a checkpoint more, so the resumed run's next checkpoint (and its retry's) hits ENOSPC."""
+    t0 = time.time()
+    with small_tmpfs(tmp_path / "disk", "64m") as disk:
+        args = ["--config", "configs/demo.yaml",
+                *overrides(world, disk / "run", "scale.workers=2", "train.epochs=1", "train.max_failures=1",
+                           "model.d=64")]  # a checkpoint several times the size of the PS's initial state
+        assert pretrain.main([*args, "train.max_steps=3"]) == 0
+        storage = disk / "run" / "train"
+        first = ck.latest_checkpoint(storage)
+        assert first is not None and ck.load_state(first).step == 3
+        size = sum(p.stat().st_size for p in first.rglob("*") if p.is_file())
+        st = os.statvfs(disk)
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        subprocess.run(["mount", "-o", f"remount,size={used + size // 2}", str(disk)], check=True)
+        capsys.readouterr()
+        assert pretrain.main(args) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        line = next(x for x in err.splitlines() if x.startswith("xdtrain pretrain: disk full: "))
+        assert re.match(rf"xdtrain pretrain: disk full: {re.escape(str(storage))}/checkpoint_\d+_a\d+: "
+                        r"no space left on device while writing this checkpoint; "
+                        rf"the previous checkpoint {re.escape(str(first))} is intact$", line), line
+        assert ck.latest_checkpoint(storage) == first and ck.open_checkpoint(first).step == 3
+        assert [p.name for p in storage.glob("checkpoint_*") if p.is_dir()] == [first.name]  # partial ones are gone
+    left = [p for p in Path(SHM_DIR).glob("xdps-*") if not pid_alive(int(p.name.split("-")[1]))]
+    # The failed workers' shared-memory buffers (payloads of d=64 rows go through /dev/shm) were reclaimed;
+    # files of processes outside this test that died meanwhile are not counted.
+    assert [p for p in left if p.stat().st_ctime >= t0] == []

@@ -223,13 +223,16 @@ def test_pretrain_world_regeneration_keeps_user_files(tmp_path):
     notes.unlink()
     notes.parent.rmdir()
     del made[notes]
-    inter, _, _ = load_interactions(cfg, run)  # generated into run/world; world.partial is not its own
+    inter = load_interactions(cfg, run).table  # generated into run/world; world.partial is not its own
     assert inter.num_rows > 0 and is_owned(run / "world") and intact(made)
 
 
 def _engine_checkpoint(root: Path, step: int) -> Path:
+    from xdtrain.train.checkpointing import write_manifest
+
     d = root / f"checkpoint_{step:09d}_a000"
     user_files(d, "engine.json", "dense.safetensors", "optimizer.pt", "cursor-rank0.json", "ps/MANIFEST.json")
+    write_manifest(d)
     return d
 
 

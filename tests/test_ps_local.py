@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import fsspec
 import numpy as np
@@ -18,6 +21,7 @@ from xdtrain.ps.init import init_rows, table_key
 from xdtrain.ps.local import LocalPS
 from xdtrain.ps.optim import OptimizerSpec
 from xdtrain.ps.server import InjectedFault
+from xdtrain.ps.shm import SHM_DIR, reclaim_orphans, shm_available
 from xdtrain.ps.slots import SlotMap, slot_of
 from xdtrain.ps.table import ShardTable, TableSpec
 
@@ -434,3 +438,33 @@ def test_route_orders_distinct_ids_by_shard_and_pull_rows_puts_them_back():
     one = LocalPS(1)
     one.create_table(TableSpec("r", 4))
     assert one.route([9, 2, 5]).order is None  # one shard: nothing to reorder
+
+
+# ---------------------------------------------------------------- shared-memory leftovers
+
+
+def test_orphaned_shared_memory_is_reclaimed_at_start_up():
+    if not shm_available():
+        pytest.skip(f"no writable {SHM_DIR}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that ran and is gone
+    live = subprocess.Popen(["sleep", "120"])
+    paths = {who: f"{SHM_DIR}/xdps-{p.pid}-0a1b2c3d-1" for who, p in (("dead", dead), ("live", live))}
+    other = f"{SHM_DIR}/xdps-notapid-{os.getpid()}"  # not a buffer name: never touched
+    try:
+        for p in (*paths.values(), other):
+            with open(p, "wb") as f:
+                f.write(b"\0" * 4096)
+        # A new process's first pool (every PS client's start-up) reclaims the dead one's buffer.
+        code = "from xdtrain.ps.shm import ShmPool; ShmPool()"
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert not os.path.exists(paths["dead"])
+        assert os.path.exists(paths["live"]) and os.path.exists(other)
+        live.kill()
+        live.wait()
+        assert paths["live"] in reclaim_orphans()  # gone once its owner is
+    finally:
+        live.kill()
+        for p in (*paths.values(), other):
+            if os.path.exists(p):
+                os.unlink(p)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from xdtrain.config import ConfigError, load_config, to_dict
 from xdtrain.data.schemas import DataError
-from xdtrain.outputs import JOB_ENV, owner_of, write_json_atomic
+from xdtrain.outputs import JOB_ENV, disk_full, owner_of, write_json_atomic
 
 C = TypeVar("C")
 
@@ -45,6 +45,12 @@ def job_main(name: str, config_cls: type[C], run: Callable[[C], dict], argv: lis
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"xdtrain {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        full = disk_full(e, getattr(cfg, "run_dir", ""))
+        if full is None:
+            raise
+        print(f"xdtrain {name}: disk full: {full}", file=sys.stderr)  # no traceback: the line says it all
+        return 1
     summary = dict(summary or {})
     summary.setdefault("job", name)
     summary.setdefault("wall_seconds", round(time.time() - start, 3))

@@ -22,10 +22,13 @@ moved folder is not taken for xdtrain's.
 
 Paths are local paths or fsspec URLs; a function given `fs` takes a plain path on that filesystem.
 Refusals raise `OutputError` (a `ConfigError`: the job runner turns it into one line and exit 2).
+A full disk met anywhere (also inside Ray workers and actors) becomes one `DiskFullError` naming
+where (`disk_full`): the job runner prints it as one line, exit 1.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -189,6 +192,50 @@ def write_json_atomic(path: str | Path, obj: Any, fs: fsspec.AbstractFileSystem 
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=True, default=_plain), fs)
 
 
+# ---------------------------------------------------------------- a full disk
+
+
+class DiskFullError(OSError):
+    """No space left on the device being written: one line naming where (a file, a folder)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __reduce__(self):  # travels from a Ray worker to the driver
+        return (type(self), (self.strerror,))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _causes(e: BaseException):
+    """`e` and what it wraps: causes, contexts, and Ray's wrappers of a worker's or a task's error."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None), getattr(x, "_base_exc", None),
+                 getattr(x, "controller_failure", None), *getattr(x, "worker_failures", {}).values()]
+
+
+def disk_full(e: BaseException, where: str | Path = "") -> DiskFullError | None:
+    """The full disk `e` is or wraps, as one DiskFullError (None when it is none): its own message
+    when it is one already, else naming the file that failed (or `where` when the error names none)."""
+    found = None
+    for x in _causes(e):
+        if isinstance(x, DiskFullError):
+            return DiskFullError(str(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC and found is None:
+            found = x
+    if found is None and not any("No space left on device" in str(x) for x in _causes(e)):
+        return None
+    path = getattr(found, "filename", None) or where
+    return DiskFullError(f"{path}: no space left on device" if path else "no space left on device")
+
+
 # ---------------------------------------------------------------- ownership
 
 
@@ -278,7 +325,8 @@ def remove_owned(path: str | Path, root: str | Path, fs: fsspec.AbstractFileSyst
     _rm(fs, p)
 
 
-def _alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` runs on this host (one of another user's counts too)."""
     try:
         os.kill(int(pid), 0)
     except (ProcessLookupError, ValueError, TypeError):
@@ -332,7 +380,8 @@ class StagedDir:
             if not entry.rstrip("/").rpartition("/")[2].startswith(prefix):
                 continue
             rec = read_marker(entry, self.fs) or {}
-            if rec.get("path") == self.out and rec.get("host") == socket.gethostname() and not _alive(rec.get("pid")):
+            mine = rec.get("path") == self.out and rec.get("host") == socket.gethostname()
+            if mine and not pid_alive(rec.get("pid")):
                 _rm(self.fs, resolve(entry, self.fs)[1])
 
     def _check_out(self) -> None:

@@ -53,7 +53,6 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from xdtrain.data.evalrows import target_rows
 from xdtrain.data.schemas import DataError, check_batch
@@ -65,6 +64,7 @@ from xdtrain.data.splits import (
     time_cut_labels,
     time_order,
 )
+from xdtrain.data.validate import read_dataset
 from xdtrain.eval.candidates import EvalSet, count_items
 
 TRAIN, VALID, TEST, CONTEXT = 0, 1, 2, 3  # part of a row; CONTEXT: history of a held-out user only
@@ -118,7 +118,7 @@ class InteractionsSource:
             return self.table
         if not self.url:
             raise DataError(f"{self.name}: the interactions source has neither a table nor a URL")
-        return pads.dataset(self.url, format="parquet").to_table()
+        return read_dataset(self.url, "interactions")[1]
 
 
 @dataclass
@@ -270,11 +270,10 @@ def _unobserved_users(source: InteractionsSource) -> np.ndarray:
     url = source.tables.get("users")
     if not url:
         return np.zeros(0, np.int64)
-    ds = pads.dataset(url, format="parquet")
-    if "observed" not in ds.schema.names:
+    users = read_dataset(url, "users", ["user_id"], optional=["observed"])[1]
+    if "observed" not in users.column_names:
         return np.zeros(0, np.int64)
-    users = ds.to_table(columns=["user_id", "observed"], filter=~pc.field("observed"))
-    return users["user_id"].to_numpy()
+    return users.filter(pc.invert(users["observed"]))["user_id"].to_numpy()
 
 
 def _items_stream(split: Split, source: InteractionsSource) -> pa.Table:
@@ -283,10 +282,9 @@ def _items_stream(split: Split, source: InteractionsSource) -> pa.Table:
                       "domain": pc.cast(rows["domain"], pa.string())}).group_by(["item_id", "domain"]).aggregate([])
     url = source.tables.get("items")
     if url:
-        ds = pads.dataset(url, format="parquet")
-        if "text" in ds.schema.names:
-            text = ds.to_table(columns=["item_id", "domain", "text"])
-            text = pa.table({"item_id": pc.cast(text["item_id"], pa.int64()),
+        text = read_dataset(url, "items", ["item_id", "domain"], optional=["text"])[1]
+        if "text" in text.column_names:
+            text = pa.table({"item_id": text["item_id"],
                              "domain": pc.cast(text["domain"], pa.string()),
                              "text": pc.cast(text["text"], pa.string())})
             pairs = pairs.join(text, ["item_id", "domain"], join_type="left outer")

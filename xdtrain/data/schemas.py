@@ -152,6 +152,21 @@ def check_batch(batch: pa.RecordBatch | pa.Table, table: str, where: str, row_of
             )
 
 
+def id_columns(table: str) -> list[str]:
+    """The id columns (int64 or string) of a table kind."""
+    return [c.name for c in TABLES[table] if "id" in c.kinds]
+
+
+def hash_id_columns(data: pa.Table, table: str) -> pa.Table:
+    """`data` with its string id columns (of table kind `table`) hashed to int64 by `hash_ids`."""
+    for name in id_columns(table):
+        if name in data.column_names and not pa.types.is_integer(data.schema.field(name).type):
+            i = data.column_names.index(name)
+            data = data.set_column(i, pa.field(name, pa.int64(), data.schema.field(name).nullable),
+                                   pa.array(hash_ids(data[name]), pa.int64()))
+    return data
+
+
 def hash_ids(values: pa.Array | np.ndarray | list) -> np.ndarray:
     """Stable 63-bit hash (FNV-1a) of string ids; int64 ids pass through unchanged."""
     arr = pa.array(values) if not isinstance(values, (pa.Array, pa.ChunkedArray)) else values

@@ -3,24 +3,31 @@
 Opening reads footers only (cheap, even for thousands of files on object storage); the rows
 themselves are checked for nulls when a row group is read (`read_unit`), and
 `validate_dataset` reads everything once and reports every problem it finds.
+
+`read_dataset` is the one way a job loads a whole table into memory: every file opened and checked
+as above, every row group read and null-checked, string ids hashed to int64 (`hash_id_columns`).
+`drop_duplicates` applies the `data.duplicates` policy to what it read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from xdtrain.data.schemas import TABLES, DataError, check_schema
+from xdtrain.data.schemas import TABLES, DataError, check_schema, hash_id_columns
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
+DUPLICATE_POLICIES = ("drop", "keep", "error")
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,14 @@ def list_files(url: str, storage_options: dict | None = None) -> tuple[Any, list
     recursively) or a glob pattern such as `s3://bucket/logs/part-*.parquet`.
 
     Names starting with '.' or '_' (files or folders) are skipped: they are temporary files of an
-    atomic write in progress or markers such as `_SUCCESS`, never finished data.
+    atomic write in progress or markers such as `_SUCCESS`, never finished data. Any other file must
+    be Parquet (by its suffix): a stray file (a README.txt, a CSV) is an error rather than skipped,
+    since a data file without the suffix would otherwise be dropped without a word.
     """
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if any(c in path for c in "*?["):
-        found, root = fs.glob(path), ""
+        found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
+        root = ""
     elif fs.isfile(path):
         return fs, [path]
     elif fs.isdir(path):
@@ -80,8 +90,12 @@ def list_files(url: str, storage_options: dict | None = None) -> tuple[Any, list
     files = []
     for p in found:
         parts = p[len(root) :].strip("/").split("/") if root else [p.rstrip("/").rsplit("/", 1)[-1]]
-        if parts[-1].endswith(PARQUET_SUFFIXES) and not any(q.startswith((".", "_")) for q in parts):
-            files.append(p)
+        if any(q.startswith((".", "_")) for q in parts):
+            continue
+        if not parts[-1].endswith(PARQUET_SUFFIXES):
+            raise DataError(f"{p}: not a Parquet file (a dataset holds only {' / '.join(PARQUET_SUFFIXES)} "
+                            "files; move it out, or start its name with '_' or '.' to have it skipped)")
+        files.append(p)
     if not files:
         raise DataError(f"{url}: empty dataset, no Parquet files found")
     return fs, sorted(files)
@@ -99,21 +113,27 @@ def _one_line(e: Exception) -> str:
 
 
 def read_footer(arrow_fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
-    """The Parquet footer of `path`; an unreadable or truncated file raises DataError naming it."""
+    """The Parquet footer of `path`; an empty, unreadable or truncated file raises DataError naming it."""
     try:
         with arrow_fs.open_input_file(path) as f:
+            if f.size() == 0:
+                raise DataError(f"{path}: empty file (0 bytes), not a Parquet file")
             return pq.ParquetFile(f).metadata
     except (pa.ArrowException, OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path}: unreadable Parquet file ({_one_line(e)})") from e
 
 
 def open_dataset(
-    url: str, table: str, columns: list[str] | None = None, storage_options: dict | None = None
+    url: str, table: str, columns: list[str] | None = None, storage_options: dict | None = None,
+    optional: tuple[str, ...] | list[str] = (),
 ) -> Dataset:
     """List files, read every footer, check each file's schema against `table`, build the units.
 
-    All files must agree on the types of the projected columns (all columns when `columns` is None),
-    since row groups of different files are concatenated inside one shuffle window.
+    All files must agree on the types of the projected columns (all columns when `columns` is None;
+    with `columns`, also those of `optional` that the first file has), since row groups of different
+    files are concatenated inside one shuffle window.
     """
     if table not in TABLES:
         raise DataError(f"unknown table kind {table!r}; expected one of {sorted(TABLES)}")
@@ -122,6 +142,9 @@ def open_dataset(
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         footers = list(pool.map(lambda p: read_footer(arrow_fs, p), files))
     metadata = dict(zip(files, footers))
+    if columns is not None:
+        first = footers[0].schema.to_arrow_schema().names
+        columns = list(columns) + [c for c in optional if c in first and c not in columns]
 
     ref_schema: pa.Schema | None = None
     ref_file = ""
@@ -236,3 +259,58 @@ def validate_dataset(
         more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
         raise DataError(f"{url}: {len(report.errors)} problem(s) in {table} dataset:\n  {shown}{more}")
     return report
+
+
+def read_dataset(
+    url: str, table: str, columns: list[str] | None = None, optional: tuple[str, ...] | list[str] = (),
+    storage_options: dict | None = None,
+) -> tuple[Dataset, pa.Table]:
+    """The whole dataset in memory, checked: files, footers and schemas (`open_dataset`), every row
+    group read and null-checked (`read_unit`), and string ids hashed to int64 (`hash_id_columns`).
+
+    `columns` (default: all) must be in every file; those of `optional` are read where the first file
+    has them. Every problem raises a one-line DataError naming the file (row group, column, row).
+    """
+    ds = open_dataset(url, table, columns, storage_options, optional)
+    handles: dict[str, pq.ParquetFile] = {}
+    batches = [read_unit(ds, u, handles) for u in ds.units]
+    return ds, hash_id_columns(pa.Table.from_batches(batches, schema=ds.schema), table)
+
+
+def row_origin(ds: Dataset, row: int) -> str:
+    """Where row `row` of `read_dataset`'s table comes from: '<file> row <n>' (n counted in the file)."""
+    for unit in ds.units:
+        if row < unit.num_rows:
+            md = ds.metadata[unit.path]
+            return f"{unit.path} row {sum(md.row_group(i).num_rows for i in range(unit.row_group)) + row}"
+        row -= unit.num_rows
+    raise IndexError(f"row beyond the {ds.num_rows} rows of {ds.url}")
+
+
+def drop_duplicates(
+    data: pa.Table, policy: str, where: str, origin: Callable[[int], str] | None = None
+) -> tuple[pa.Table, int]:
+    """Apply the duplicate policy to rows equal in every column (`data.duplicates`): (rows, duplicates).
+
+    `drop` keeps the first of each set of equal rows (in input order), `keep` keeps them all, `error`
+    raises a DataError naming the first repeat (`origin(row)` says where a row came from). Either way
+    the number of repeated rows is returned.
+    """
+    if policy not in DUPLICATE_POLICIES:
+        raise DataError(f"data.duplicates: unknown policy {policy!r}; expected one of {list(DUPLICATE_POLICIES)}")
+    n = data.num_rows
+    if n < 2:
+        return data, 0
+    rows = data.append_column("__row", pa.array(np.arange(n, dtype=np.int64)))
+    firsts = np.sort(rows.group_by(data.column_names).aggregate([("__row", "min")])["__row_min"].to_numpy())
+    dups = n - len(firsts)
+    if dups == 0 or policy == "keep":
+        return data, dups
+    if policy == "error":
+        repeat = np.ones(n, dtype=bool)
+        repeat[firsts] = False
+        first = int(np.argmax(repeat))
+        at = origin(first) if origin is not None else f"row {first}"
+        raise DataError(f"{where}: {dups} exact duplicate row(s), the first at {at} "
+                        "(data.duplicates=error; 'drop' keeps one of each)")
+    return data.take(pa.array(firsts)), dups

@@ -9,23 +9,30 @@ same buffer. Pages are touched once and reused, so the steady state is one copy 
 
 A buffer is owned by one in-flight call at a time; the client releases it when the call's
 result has been consumed. Files are named xdps-<pid>-<random>-<n> and removed when the client
-closes or its process exits; only a client killed with SIGKILL leaves them behind.
+closes or its process exits. A process killed with SIGKILL (by a crash, or by Ray stopping a worker)
+leaves them behind: `reclaim_orphans` removes the files whose owner pid no longer runs. Every
+process runs it when it creates its first pool, and the engine's driver when a job ends.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 import uuid
 import weakref
 from collections import OrderedDict
 
 import numpy as np
 
+from xdtrain.outputs import pid_alive
+
 SHM_DIR = "/dev/shm"
 MIN_SHM_BYTES = 96 * 1024  # below Ray's inline-argument limit the plain path is as cheap
 _MAX_BUFFERS = 16  # per shard; beyond, calls fall back to the plain path
 _ALIGN = 64
+_NAME = re.compile(r"xdps-(\d+)-[0-9a-f]+-\d+")  # ShmPool's file names: the creator's pid first
+_reclaimed = False  # this process ran `reclaim_orphans` at start-up
 
 
 def shm_available() -> bool:
@@ -70,10 +77,35 @@ def _unlink_all(paths: list[str]) -> None:
             pass
 
 
+def reclaim_orphans(shm_dir: str = SHM_DIR) -> list[str]:
+    """Remove the buffers of processes that are gone (`xdps-<pid>-...` files of this user whose pid
+    no longer runs); returns their paths. Buffers of live processes and other users' files are kept."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _NAME.fullmatch(name)
+        path = os.path.join(shm_dir, name)
+        try:
+            if m is None or os.stat(path).st_uid != os.getuid() or pid_alive(int(m.group(1))):
+                continue
+            os.unlink(path)
+        except FileNotFoundError:  # its owner removed it meanwhile
+            continue
+        removed.append(path)
+    return removed
+
+
 class ShmPool:
     """The client's buffers for one shard."""
 
     def __init__(self) -> None:
+        global _reclaimed
+        if not _reclaimed:  # start-up: what crashed processes left behind
+            _reclaimed = True
+            reclaim_orphans()
         self._tag = f"xdps-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._buffers: list[ShmBuffer] = []
         self._paths: list[str] = []  # shared with the finalizer, which removes the files

@@ -27,10 +27,10 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from xdtrain.data.schemas import DataError, hash_ids
+from xdtrain.data.validate import read_dataset
 from xdtrain.outputs import AtomicFile, claim_output_dir, remove_owned
 from xdtrain.text.encoder import DEFAULT_MODEL, load_text_encoder, resolve_model_path
 
@@ -362,8 +362,5 @@ def side_table_vectors(tables: dict[str, str], cfg: TextEncodeConfig, who: str) 
     if not url:
         raise DataError(f"{who} needs item texts: the data has no 'items' side table (ModelData.tables['items'] "
                         f"with columns item_id, domain, text; tables: {sorted(tables) or 'none'})")
-    try:
-        items = pads.dataset(url, format="parquet").to_table(columns=["item_id", "domain", "text"])
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"{url}: cannot read the 'items' table (item_id, domain, text): {e}") from None
+    items = read_dataset(url, "items", ["item_id", "domain", "text"])[1]
     return encode_items(items, cfg, where=url).vectors

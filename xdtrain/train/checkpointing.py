@@ -6,15 +6,21 @@
       optimizer.pt         every named dense optimizer's state and schedule (weights_only)  (rank 0)
       cursor-rank{r}.json  each worker's streaming-reader cursor of every stream           (every rank)
       ps/                  every PS shard: rows, optimizer state, id map; manifest last     (the shards)
+      MANIFEST.json        every file above with its size and sha256, written last          (rank 0)
 
-Ray Train merges the workers' files into the run's `checkpoint_*` directory and registers it only
-after every worker reported, so a crash mid-write leaves the previous checkpoint as the latest.
-The PS shards write `ps/` straight to that directory (they may live on other nodes), before the
-workers report, with their own manifest written last.
+Ray Train merges the workers' files into the run's `checkpoint_*` directory. The PS shards write
+`ps/` straight to that directory (they may live on other nodes), before the workers report, with
+their own manifest written last. When every worker has reported, rank 0 writes `MANIFEST.json`:
+a checkpoint counts only from then on. `latest_checkpoint` and resume (`resume_point`) verify it
+(every listed file present, of its size and checksum) and skip anything incomplete, such as the
+remains of a crash or a full disk mid-write; `prune` deletes such remains once a newer checkpoint
+is complete. A full disk met while writing one raises `DiskFullError` naming the checkpoint; the
+previous one stays loadable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,9 +32,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from xdtrain.config import ConfigError
+from xdtrain.data.schemas import DataError
 from xdtrain.outputs import (
     MARKER,
     AtomicFile,
+    DiskFullError,
+    disk_full,
     remove_owned,
     write_bytes_atomic,
     write_json_atomic,
@@ -39,6 +48,9 @@ ENGINE_FILE = "engine.json"
 DENSE_FILE = "dense.safetensors"
 OPTIM_FILE = "optimizer.pt"
 PS_DIR = "ps"
+MANIFEST_FILE = "MANIFEST.json"
+MANIFEST_FORMAT = "xdtrain-engine-checkpoint"
+REQUIRED = (ENGINE_FILE, DENSE_FILE, OPTIM_FILE, f"{PS_DIR}/MANIFEST.json", "cursor-rank0.json")
 
 
 def checkpoint_name(step: int, attempt: int = 0) -> str:
@@ -109,6 +121,82 @@ def save_cursor(directory: str | Path, rank: int, cursors: dict[str, dict]) -> N
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     write_text_atomic(d / cursor_file(rank), json.dumps({"streams": cursors}))
+
+
+# ---------------------------------------------------------------- the manifest: what makes a checkpoint count
+
+
+def _listed_files(directory: Path) -> list[str]:
+    """Every file below `directory` (relative, '/'-separated), but the manifest and hidden names
+    (temporaries of atomic writes in progress, ownership markers)."""
+    out = []
+    for parent, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            rel = Path(parent, f).relative_to(directory).as_posix()
+            if not f.startswith(".") and rel != MANIFEST_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: str | Path) -> dict:
+    """Record every file of checkpoint `directory` with its size and sha256 in MANIFEST.json, written
+    atomically and last: from now on the checkpoint counts. Returns the manifest."""
+    d = Path(directory)
+    files = {rel: {"size": (d / rel).stat().st_size, "sha256": _sha256(d / rel)} for rel in _listed_files(d)}
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": files}
+    write_json_atomic(d / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def verify(directory: str | Path, checksums: bool = True) -> str:
+    """Why `directory` is not a complete checkpoint ('' when it is): no or a bad manifest, a file
+    missing, of another size or (with `checksums`) another sha256 than its manifest says."""
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        files = manifest["files"] if manifest.get("format") == MANIFEST_FORMAT else None
+    except FileNotFoundError:
+        return "no such checkpoint directory" if not d.is_dir() else f"no {MANIFEST_FILE}: it was never completed"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable {MANIFEST_FILE} ({e})"
+    if not isinstance(files, dict):
+        return f"{MANIFEST_FILE} is not an xdtrain checkpoint manifest"
+    missing = [r for r in REQUIRED if r not in files]
+    if missing:
+        return f"{MANIFEST_FILE} lists no {missing[0]}"
+    for rel, meta in files.items():
+        path = d / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != meta.get("size"):
+            return f"{rel} has {size} bytes, the manifest says {meta.get('size')}"
+        if checksums and _sha256(path) != meta.get("sha256"):
+            return f"{rel} does not match its sha256 in the manifest"
+    return ""
+
+
+def is_complete(directory: str | Path, checksums: bool = True) -> bool:
+    return not verify(directory, checksums)
+
+
+def require_complete(directory: str | Path) -> None:
+    """Raise DataError naming `directory` and what is wrong unless it is a complete checkpoint."""
+    why = verify(directory)
+    if why:
+        raise DataError(f"{directory}: not a complete xdtrain checkpoint ({why})")
+
+
+def open_checkpoint(directory: str | Path) -> EngineState:
+    """The state of a checkpoint a user names (init_from, resume_from), verified first."""
+    require_complete(directory)
+    return load_state(directory)
 
 
 def load_state(directory: str | Path) -> EngineState:
@@ -220,16 +308,52 @@ def ps_url(directory: str | Path) -> str:
 
 
 def latest_checkpoint(run_storage: str | Path) -> Path | None:
-    """The newest complete checkpoint directory under a run's storage (by step), or None."""
+    """The newest complete checkpoint directory under a run's storage (by step, then attempt), or
+    None. Incomplete ones (`verify`) are skipped."""
     root = Path(run_storage)
     if not root.exists():
         return None
-    done = [p for p in root.glob("checkpoint_*") if (p / ENGINE_FILE).exists() and (p / PS_DIR).exists()]
-    return max(done, key=lambda p: p.name) if done else None
+    for p in sorted(root.glob("checkpoint_*"), key=lambda p: p.name, reverse=True):
+        if _NAME.fullmatch(p.name) and is_complete(p):
+            return p
+    return None
+
+
+def resume_point(requested: str, run_storage: str | Path) -> str:
+    """The checkpoint a (re)started worker group continues from ('' = from the start): the run's
+    newest complete checkpoint, else `requested` (resume_from), which must be complete.
+
+    Not Ray Train's latest registered checkpoint as such: it may be incomplete (a crash after the
+    workers reported, before the manifest), and a newer complete one may be unregistered (a crash
+    after the manifest, before Ray Train recorded it)."""
+    newest = latest_checkpoint(run_storage)
+    if newest is not None:
+        return str(newest)
+    if requested:
+        require_complete(requested)
+    return requested
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def raise_if_disk_full(e: BaseException, directory: str | Path, discard: bool) -> None:
+    """When `e` is (or wraps) a full disk met writing checkpoint `directory`, raise one DiskFullError
+    naming it and the previous complete checkpoint, after removing the partial one when `discard`
+    (frees the space for the next try); otherwise return and let the caller re-raise `e`."""
+    if disk_full(e) is None:
+        return
+    d = Path(directory)
+    if discard and is_engine_checkpoint(d) and not is_complete(d, checksums=False):
+        remove_owned(d, d.parent, created=is_engine_checkpoint)
+    prev = latest_checkpoint(d.parent)
+    keep = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
+    raise DiskFullError(f"{d}: no space left on device while writing this checkpoint; {keep}") from e
 
 
 _NAME = re.compile(r"checkpoint_\d{9}_a\d{3}")  # checkpoint_name's pattern
-_LAYOUT = re.compile("|".join([*(re.escape(n) for n in (ENGINE_FILE, DENSE_FILE, OPTIM_FILE, PS_DIR, MARKER)),
+_LAYOUT = re.compile("|".join([*(re.escape(n) for n in (ENGINE_FILE, DENSE_FILE, OPTIM_FILE, PS_DIR, MARKER,
+                                                         MANIFEST_FILE)),
                                r"cursor-rank\d+\.json", r"\..+\.tmp-.+"]))  # the engine's files, temporaries
 
 
@@ -241,7 +365,9 @@ def is_engine_checkpoint(path: str | Path) -> bool:
 
 
 def prune(run_storage: str | Path, keep: int, protect: set[str]) -> list[str]:
-    """Delete all but the newest `keep` engine checkpoints, never one named in `protect` (the best).
+    """Delete all but the newest `keep` complete engine checkpoints, never one named in `protect` (the
+    best), and the incomplete ones older than the newest complete one (a crash's remains; a newer
+    incomplete one may still be being written).
 
     Only folders the engine wrote are counted or deleted (`is_engine_checkpoint`), and only inside
     an xdtrain-owned run directory (`remove_owned`). The engine prunes itself instead of Ray Train's
@@ -250,7 +376,10 @@ def prune(run_storage: str | Path, keep: int, protect: set[str]) -> list[str]:
     """
     root = Path(run_storage)
     dirs = sorted(p for p in root.glob("checkpoint_*") if is_engine_checkpoint(p))
-    doomed = [p for p in dirs[: max(0, len(dirs) - keep)] if p.name not in protect]
+    complete = [p for p in dirs if is_complete(p, checksums=False)]
+    kept = {p.name for p in complete[max(0, len(complete) - keep):]} | protect
+    newest = complete[-1].name if complete else ""
+    doomed = [p for p in dirs if p.name not in kept and p.name < newest]
     for p in doomed:
         remove_owned(p, root, created=is_engine_checkpoint)
     return [p.name for p in doomed]

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +33,8 @@ class DataConfig:
     min_rating: float = 0.0
     k_core: int = 5
     interactions_url: str = ""  # parquet: a canonical interactions dataset at any fsspec URL
+    # Rows equal in every column read: drop (all but the first, with a warning), keep, or error.
+    duplicates: Literal["drop", "keep", "error"] = "drop"
     per_domain_catalogue: bool = True  # rank a target only against items of its own domain
     train_domains: list[str] = field(default_factory=list)  # train on these domains only (empty = all)
     eval_domains: list[str] = field(default_factory=list)  # evaluate on these (empty = all)
@@ -179,3 +182,41 @@ class EngineConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+
+
+
+# Allowed values as intervals: '[' / ']' include the bound, '(' / ')' exclude it; no bound = unbounded.
+RANGES: dict[str, str] = {
+    "data.k_core": "[0,)", "data.rows_per_group": "[1,)", "data.flat_rows_per_group": "[1,)",
+    "data.max_train_samples": "[0,)", "data.max_history": "[0,)",
+    "scale.workers": "[1,)", "scale.min_workers": "[0,)", "scale.cpus_per_worker": "(0,)",
+    "scale.trainer_resource": "[0,)", "scale.threads": "[0,)", "scale.resize_check_s": "(0,)",
+    "ps.shards": "[1,)", "ps.staleness": "[0,)", "ps.max_restarts": "[-1,)",
+    "train.epochs": "[0,)", "train.batch_size": "[1,)", "train.lr": "[0,)", "train.beta1": "[0,1)",
+    "train.beta2": "[0,1)", "train.weight_decay": "[0,)", "train.shuffle_buffer": "[0,)",
+    "train.checkpoint_every": "[0,)", "train.eval_every": "[0,)", "train.patience": "[0,)",
+    "train.max_steps": "[0,)", "train.max_minutes": "[0,)", "train.max_failures": "[-1,)",
+    "train.log_every": "[1,)", "train.keep_checkpoints": "[1,)",
+    "eval.batch_size": "[1,)", "eval.ks": "[1,)", "eval.k_percents": "(0,100]",
+}
+
+
+def in_range(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval` (RANGES notation); NaN never does."""
+    lo, hi = interval[1:-1].split(",")
+    return not math.isnan(value) and \
+        (not lo or (value >= float(lo) if interval[0] == "[" else value > float(lo))) and \
+        (not hi or (value <= float(hi) if interval[-1] == "]" else value < float(hi)))
+
+
+def check_ranges(cfg: EngineConfig) -> None:
+    """Raise ConfigError naming the first key whose value (or an item of a list value) is outside RANGES."""
+    from xdtrain.config import ConfigError
+
+    for key, interval in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not all(in_range(v, interval) for v in (value if isinstance(value, list) else [value])):
+            lo, hi = interval[1:-1].split(",")
+            want = f"in {interval}" if lo and hi else (f"{'>=' if interval[0] == '[' else '>'} {lo}")
+            raise ConfigError(f"{key} must be {want}, got {value}")

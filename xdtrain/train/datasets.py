@@ -1,7 +1,9 @@
 """Driver-side data preparation for engine jobs: interactions -> a data recipe -> streamed training data.
 
 The driver loads the interactions once (a synthetic world, the shipped MovieLens, or any canonical
-Parquet dataset), keeps the train domains, and runs the configured data recipe
+Parquet dataset) through the validated reader (`xdtrain.data.validate.read_dataset`: every file,
+schema and row group checked, string ids hashed to int64), applies the duplicate policy
+(`data.duplicates`), keeps the train domains, and runs the configured data recipe
 (`xdtrain.data.recipes`, `data.recipe`): it splits the interactions, writes each training stream of
 `data.streams` as Parquet row groups under `<run_dir>/data/<stream>` (the unit the workers'
 streaming readers shard by) and returns the valid/test `EvalSet`s. The default (leave-one-out, one
@@ -20,20 +22,22 @@ default the train domains), for `eval.groups`.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from xdtrain.config import load_config
 from xdtrain.data.evalrows import with_seen_flags
 from xdtrain.data.recipes import InteractionsSource, RecipeConfig, get_recipe
-from xdtrain.data.schemas import DataError, check_schema
+from xdtrain.data.schemas import DataError, id_columns
 from xdtrain.data.sequences import write_dataset
+from xdtrain.data.validate import drop_duplicates, read_dataset, row_origin
 from xdtrain.eval.candidates import EvalSet
 from xdtrain.models import ModelData
 from xdtrain.train.config import DataConfig
@@ -53,9 +57,20 @@ class PreparedData:
     stream_tables: dict[str, str] = field(default_factory=dict)  # stream name -> reader table kind
 
 
-def load_interactions(cfg: DataConfig, run_dir: Path) -> tuple[pa.Table, str, dict[str, str]]:
-    """(interactions, name, side tables by kind) for the configured source."""
+class Interactions(NamedTuple):
+    table: pa.Table  # canonical columns (ids int64), duplicates handled by `data.duplicates`
+    name: str  # names the data in messages
+    tables: dict[str, str]  # side tables by kind
+    duplicates: int  # exact duplicate rows found (dropped unless data.duplicates=keep)
+
+
+def load_interactions(cfg: DataConfig, run_dir: Path) -> Interactions:
+    """The configured source's interactions, validated, ids hashed, duplicates handled (see the module
+    docstring). When that changed the rows, the `interactions` side table is the cleaned copy under
+    `<run_dir>/data/side/interactions`, so that models read the rows the recipe split."""
     optional = LABEL_COLUMNS if "labelled" in cfg.streams else []
+    origin = None
+    changed = False
     if cfg.source == "synthetic":
         world = cfg.world_url
         if not world:
@@ -66,33 +81,39 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> tuple[pa.Table, str, di
                 wcfg = load_config(WorldConfig, cfg.world_config, ["output.overwrite=true", f"out={world}"])
                 print(f"[xdtrain] generating the synthetic world ({cfg.world_config}) into {world}", flush=True)
                 generate_world(wcfg, world, progress=False)
-        inter = _read_parquet(f"{world}/interactions", optional)
+        ds, inter = read_dataset(f"{world}/interactions", "interactions", COLUMNS, optional)
+        origin, changed = (lambda row: row_origin(ds, row)), _hashed(ds.schema)
         tables = {k: f"{world}/{k}" for k in ("interactions", "items", "users", "entities", "triplets", "links")}
-        return inter, f"synthetic world {world}", tables
-    if cfg.source == "movielens":
+        name = f"synthetic world {world}"
+    elif cfg.source == "movielens":
         from xdtrain.data.movielens import MovieLensConfig, prepare
 
         ml = prepare(MovieLensConfig(dataset=cfg.dataset, domain_rule=cfg.domains, min_rating=cfg.min_rating,
                                      k_core=cfg.k_core, sequences="none"))
         items = write_dataset(ml.items.select(["item_id", "domain", "text"]), run_dir / "data" / "side" / "items")
-        inter = ml.interactions
-        return inter.select(COLUMNS + [c for c in optional if c in inter.column_names]), cfg.dataset, {"items": items}
-    if cfg.source == "parquet":
+        inter, name, tables = ml.interactions, cfg.dataset, {"items": items}
+        inter = inter.select(COLUMNS + [c for c in optional if c in inter.column_names])
+    elif cfg.source == "parquet":
         if not cfg.interactions_url:
             raise DataError("data.interactions_url: required when data.source is 'parquet'")
-        inter = _read_parquet(cfg.interactions_url, optional)
-        return inter, cfg.interactions_url, {"interactions": cfg.interactions_url}
-    raise DataError(f"data.source: unknown source {cfg.source!r}; expected synthetic, movielens or parquet")
+        ds, inter = read_dataset(cfg.interactions_url, "interactions", COLUMNS, optional)
+        origin, changed = (lambda row: row_origin(ds, row)), _hashed(ds.schema)
+        name, tables = cfg.interactions_url, {"interactions": cfg.interactions_url}
+    else:
+        raise DataError(f"data.source: unknown source {cfg.source!r}; expected synthetic, movielens or parquet")
+    inter, dups = drop_duplicates(inter, cfg.duplicates, name, origin)
+    if dups and cfg.duplicates == "drop":
+        print(f"[xdtrain] warning: {name}: dropped {dups} exact duplicate interaction(s) of {inter.num_rows + dups} "
+              "(data.duplicates=drop; 'keep' or 'error' to change)", file=sys.stderr)
+        changed = True
+    if changed or "interactions" not in tables:
+        tables["interactions"] = write_dataset(inter, run_dir / "data" / "side" / "interactions")
+    return Interactions(inter, name, tables, dups)
 
 
-def _read_parquet(url: str, optional: list[str]) -> pa.Table:
-    """The canonical columns of an interactions dataset, plus those of `optional` it has."""
-    try:
-        ds = pads.dataset(url, format="parquet")
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"{url}: cannot open interactions dataset ({e})") from None
-    check_schema(ds.schema, "interactions", url)
-    return ds.to_table(columns=COLUMNS + [c for c in optional if c in ds.schema.names])
+def _hashed(schema: pa.Schema) -> bool:
+    """Whether reading hashed some string id column (the table differs from the files)."""
+    return any(n in schema.names and not pa.types.is_integer(schema.field(n).type) for n in id_columns("interactions"))
 
 
 def _keep_domains(inter: pa.Table, domains: list[str], key: str) -> pa.Table:
@@ -123,9 +144,7 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
     rcfg = recipe_config(cfg, min_groups)
     rcfg.check()  # a bad recipe fails before any loading
     recipe = get_recipe(rcfg.name)
-    inter, name, tables = load_interactions(cfg, run_dir)
-    if "interactions" not in tables:
-        tables["interactions"] = write_dataset(inter, run_dir / "data" / "side" / "interactions")
+    inter, name, tables, dups = load_interactions(cfg, run_dir)
     # Users and items of the source domains, before train_domains filtering: a held-out domain's
     # users/items are "seen" when they occur in any source domain (paper sec. 4.1, code get_many).
     source = _keep_domains(inter, cfg.source_domains or cfg.train_domains,
@@ -147,7 +166,7 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
         extras={"train_domains": sorted(pc.unique(inter["domain"]).to_pylist()),
                 "cache_dir": str(run_dir / "cache")},
     )
-    stats = {**out.stats, "prepare_seconds": round(time.time() - t0, 1), "source": name}
+    stats = {**out.stats, "duplicates": dups, "prepare_seconds": round(time.time() - t0, 1), "source": name}
     streams = {k: v.url for k, v in out.streams.items()}
     return PreparedData(streams.get("train", ""), model_data, valid, test, stats, streams,
                         {k: v.table for k, v in out.streams.items()})
@@ -177,7 +196,7 @@ def _prepare_amid(cfg: DataConfig, run_dir: Path, min_groups: int, t0: float) ->
             raise DataError("data.released_dir and data.pair: both required when data.source is 'released'")
         rows, name, tables = amid_rows.read_released(cfg.released_dir, cfg.pair, acfg), cfg.released_dir, {}
     else:
-        inter, name, tables = load_interactions(cfg, run_dir)
+        inter, name, tables, _ = load_interactions(cfg, run_dir)
         rows = amid_rows.rows_from_logs(inter, acfg)
     out = amid_rows.recipe_output(rows, acfg, run_dir / "data", name)
     domains = list(acfg.domains)

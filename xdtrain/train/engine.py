@@ -30,9 +30,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from xdtrain.config import ConfigError, to_dict
 from xdtrain.models import build_model, model_config
 from xdtrain.outputs import claim_output_dir, write_json_atomic
+from xdtrain.ps.shm import reclaim_orphans
 from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
-from xdtrain.train.config import EngineConfig
+from xdtrain.train import plan
+from xdtrain.train.config import EngineConfig, check_ranges
 from xdtrain.train.datasets import PreparedData, prepare_data
 from xdtrain.train.evaluation import summarize_tests, test_report
 from xdtrain.train.progress import ProgressBoard, ProgressWatcher
@@ -71,16 +73,24 @@ def connect_ray(cfg: EngineConfig, log: RayLog | None = None) -> bool:
 
 def _check(cfg: EngineConfig) -> None:
     s = cfg.scale
-    if s.workers < 1:
-        raise ConfigError(f"scale.workers must be >= 1, got {s.workers}")
+    check_ranges(cfg)
     if s.min_workers and not 1 <= s.min_workers <= s.workers:
         raise ConfigError(f"scale.min_workers must be in [1, scale.workers={s.workers}], got {s.min_workers}")
     if cfg.ps.backend == "local" and (s.workers > 1 or s.min_workers > 1):
         raise ConfigError("ps.backend 'local' keeps tables inside the one worker: use scale.workers=1 "
                           "or ps.backend=ray")
-    if cfg.ps.shards < 1:
-        raise ConfigError(f"ps.shards must be >= 1, got {cfg.ps.shards}")
     model_config(cfg.model)  # a bad model section fails before any data or Ray work
+
+
+def check_program(cfg: EngineConfig, model: object) -> None:
+    """The model's training program under this config, checked on the driver before any Ray work
+    (e.g. train.epochs=0 with a program whose phases count epochs)."""
+    t = cfg.train
+    try:
+        plan.program_for(model, t)
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model.get('name')!r} cannot train with train.epochs={t.epochs}, "
+                          f"train.batch_size={t.batch_size}: {e}") from None
 
 
 def make_ps(cfg: EngineConfig, run_id: str):
@@ -153,7 +163,7 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
         raise RuntimeError(f"{run_dir / RUN_NAME}: training wrote no checkpoint")
     state = ck.load_state(latest)
     best = run_dir / RUN_NAME / state.best_dir
-    if state.best_dir and (best / ck.ENGINE_FILE).exists():
+    if state.best_dir and ck.is_complete(best):
         return best, state
     return latest, state
 
@@ -161,25 +171,33 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
 def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     """The pretrain job (see the module docstring); returns the summary written to metrics.json."""
     _check(cfg)
+    for named in (cfg.resume_from, cfg.init_from):  # a checkpoint a user names must be complete
+        if named:
+            ck.require_complete(named)
     run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)  # before anything is written
     with RayLog(run_dir, cfg.verbose) as log:
-        return _train(cfg, run_dir, log, faults)
+        try:
+            return _train(cfg, run_dir, log, faults)
+        finally:
+            reclaim_orphans()  # the shared memory of workers that ended without cleaning up (killed)
 
 
 def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -> dict:
     t0 = time.time()
-    connect_ray(cfg, log)
+    reclaim_orphans()  # shared-memory buffers of crashed runs
+    # Data and model first: bad input or config fails in seconds, before Ray starts.
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
     model = build_model(cfg.model, data.model_data, cfg.train.seed)
     check_stream_datasets(model, data)
+    check_program(cfg, model)
+    connect_ray(cfg, log)
     ps = make_ps(cfg, run_dir.name)
     for spec in model.sparse_tables():
         ps.create_table(spec)
     init_dense = ""
     if cfg.init_from:  # the PS of the transfer (cfg.transfer) becomes this run's starting checkpoint
-        src = Path(cfg.init_from)
-        ck.load_state(src)  # fails clearly when it is not a checkpoint
+        src = Path(cfg.init_from)  # verified in `train`
         report = transfer_ps(ps, ck.ps_url(src), model.sparse_tables(), cfg.transfer)
         print(f"[xdtrain] init_from {src.name}, {report.line('PS tables')}, optimizer {cfg.transfer.ps_optimizer}")
         init_dense = str(src)
@@ -194,7 +212,7 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     t_fit = time.time()
     result = fit(cfg, data, ps, ps_init, board, init_dense, faults)
     if result.error is not None:
-        raise result.error
+        raise result.error  # a full disk in it: one line from the job runner (outputs.disk_full)
     fit_seconds = time.time() - t_fit
     summary = finish(cfg, data, model, ps, run_dir)
     attempts = ray.get(board.since.remote(0))[2]
@@ -259,8 +277,9 @@ def run_evaluate(cfg: EngineConfig) -> dict:
     (loaded as a finetune would start from it: `transfer:` applies)."""
     if not cfg.init_from:
         raise ConfigError("evaluate: set init_from=<checkpoint directory>")
+    check_ranges(cfg)
     src = Path(cfg.init_from).resolve()
-    state = ck.load_state(src)
+    state = ck.open_checkpoint(src)
     run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)
     with RayLog(run_dir, cfg.verbose) as log:
         if cfg.ps.backend == "ray":

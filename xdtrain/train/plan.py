@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from enum import Enum
 
-from xdtrain.nn.program import Phase, Program, Step, counts_rounds
+from xdtrain.nn.program import Phase, Program, Step, counts_rounds, resolve_program
+from xdtrain.train.config import LoopConfig
+
+
+def program_for(model: object, t: LoopConfig) -> Program:
+    """The model's training program with the `train:` section's values filled in, checked
+    (ValueError names what is wrong)."""
+    return resolve_program(model, batch_size=t.batch_size, epochs=t.epochs, patience=t.patience, lr=t.lr,
+                           betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
 
 
 class Event(Enum):

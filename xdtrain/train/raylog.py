@@ -23,6 +23,9 @@ from typing import Any
 import ray
 from ray._private.ray_logging import global_worker_stdstream_dispatcher as _dispatcher
 
+from xdtrain.config import ConfigError
+from xdtrain.data.schemas import DataError
+
 LOG_FILE = Path("logs") / "ray.log"  # inside the run directory
 RAY_PRINTER = "ray_print_logs"  # the name under which ray.init(log_to_driver=True) installs its printer
 OUR_WRITER = "xdtrain_ray_log"
@@ -104,7 +107,9 @@ class RayLog:
             handler.stream.close()
         finally:
             handler.release()
-        if exc is not None:  # the error itself reaches the console as the job's error or traceback
+        # The error itself reaches the console as the job's error or traceback; a bad input or config
+        # is said in full in its one line.
+        if exc is not None and not isinstance(exc, (DataError, ConfigError)):
             print(f"[xdtrain] the run failed; Ray's output of it: {self.path}", file=sys.stderr, flush=True)
 
     def describe(self) -> str:

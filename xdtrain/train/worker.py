@@ -37,7 +37,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 
 from xdtrain.models import build_model
-from xdtrain.nn.program import Phase, Step, resolve_program
+from xdtrain.nn.program import Phase, Step
 from xdtrain.nn.sparse import prefetch_rows, pull_rows, push_grads
 from xdtrain.train import checkpointing as ck
 from xdtrain.train import plan
@@ -121,8 +121,7 @@ class Worker:
         self.device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
         self.model.to(self.device)
         self.ps = _make_ps(cfg, config["ps"])
-        self.prog = resolve_program(self.model, batch_size=t.batch_size, epochs=t.epochs, patience=t.patience,
-                                    lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+        self.prog = plan.program_for(self.model, t)
         self.optimizers = OptimizerSet(self.model, self.prog.optimizers)
         datasets = {k: Dataset(*v) for k, v in config["datasets"].items()}
         self.streams = {name: Stream(name, spec, self._dataset(datasets, name, spec.dataset), self.model,
@@ -150,9 +149,9 @@ class Worker:
 
     # ---- restore ---------------------------------------------------------------------------------
     def _restore(self, config: dict) -> None:
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None and config.get("resume_from"):
-            ckpt = Checkpoint(config["resume_from"])
+        # The newest complete checkpoint (Ray Train's latest may be incomplete), else resume_from.
+        found = ck.resume_point(config.get("resume_from", ""), self.storage)
+        ckpt = Checkpoint(found) if found else None
         if ckpt is not None:
             with ckpt.as_directory() as d:
                 self.state = ck.load_state(d)
@@ -343,17 +342,24 @@ class Worker:
         if metrics and self.state.best_step == self.state.step:
             self.state.best_dir = name
         self.state.ps_url = ck.ps_url(final)
-        if self.rank == 0:
-            self.ps.checkpoint(self.state.ps_url)
-        tmp = tempfile.mkdtemp(prefix="xdtrain-ckpt-")
         try:
-            ck.save_cursor(tmp, self.rank, self._cursors())
             if self.rank == 0:
-                ck.save_rank0(tmp, self.state, self.model, self.optimizers)
-            report = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                self.ps.checkpoint(self.state.ps_url)
+            tmp = tempfile.mkdtemp(prefix="xdtrain-ckpt-")
+            try:
+                ck.save_cursor(tmp, self.rank, self._cursors())
+                if self.rank == 0:
+                    ck.save_rank0(tmp, self.state, self.model, self.optimizers)
+                report = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier(self.world)  # report returns once this worker's files are in place, not everyone's
+            if self.rank == 0:
+                ck.write_manifest(final)  # last: from here on the checkpoint counts
+        except Exception as e:
+            ck.raise_if_disk_full(e, final, discard=self.rank == 0)
+            raise
         self._committed(self.state.ps_url)
         if self.rank == 0:
             ck.prune(self.storage, self.cfg.train.keep_checkpoints, {self.state.best_dir, name})
