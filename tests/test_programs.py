@@ -47,7 +47,7 @@ def test_a_model_without_hooks_gets_one_stream_one_adam_one_phase():
     (dict(streams={"x": StreamSpec(), "y": StreamSpec()}, phases=[Phase(steps=(Step(streams=("x", "y")),))]),
      "at most one non-cycling stream"),
     (dict(optims={"a": OptimSpec(params=("",)), "b": OptimSpec(params=("",))},
-          phases=[Phase(steps=(Step("a"),))]), "belongs to both"),
+          phases=[Phase(steps=(Step("a"), Step("b")))]), "belongs to both 'a' and 'b'"),
     (dict(optims={"main": OptimSpec(schedule="noam")}), "noam needs"),
     (dict(phases=[Phase(steps=(Step(streams=("nope",)),))]), "unknown streams"),
 ])

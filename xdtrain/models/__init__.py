@@ -21,6 +21,7 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "seqrec": ("xdtrain.models.seqrec", "SeqRecConfig", "SeqRec"),
     "prerec": ("xdtrain.models.prerec", "PreRecConfig", "PreRec"),
     "adversarial_toy": ("xdtrain.models.adversarial_toy", "AdversarialToyConfig", "AdversarialToy"),
+    "recguru": ("xdtrain.models.recguru", "RecGuruConfig", "RecGuru"),
 }
 
 
