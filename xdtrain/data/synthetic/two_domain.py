@@ -71,3 +71,24 @@ def two_domain_world(cfg: TwoDomainWorld) -> tuple[pa.Table, dict]:
     types = {"user_id": pa.int64(), "item_id": pa.int64(), "domain": pa.string(), "timestamp": pa.int64()}
     inter = pa.table({c: pa.array(v, types[c]) for c, v in cols.items()})
     return inter, truth
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m xdtrain.data.synthetic.two_domain --out DIR [--overlap 0.1] [--seed 0] [--users-a 600] ..."""
+    import argparse
+
+    from xdtrain.data.sequences import write_dataset
+
+    ap = argparse.ArgumentParser(description="Write a two-domain world's interactions as Parquet (DIR/interactions)")
+    ap.add_argument("--out", required=True)
+    for name in ("users_a", "users_b", "items_a", "items_b", "seed"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TwoDomainWorld, name))
+    ap.add_argument("--overlap", type=float, default=TwoDomainWorld.overlap)
+    args = ap.parse_args(argv)
+    cfg = TwoDomainWorld(**{k: v for k, v in vars(args).items() if k != "out"})
+    inter, _ = two_domain_world(cfg)
+    print(write_dataset(inter, f"{args.out}/interactions", 65536))
+
+
+if __name__ == "__main__":
+    main()
