@@ -380,3 +380,28 @@ def test_a_constant_scorer_gets_no_credit_under_pessimistic_ties(world):
                                                             (len(users["row"]), len(items))),
                    test, cfg, prepare_candidates(test, cfg.spec()))
     assert res.summary()["overall"]["all"]["hr@10"] == 0.0
+
+
+def test_both_targets_fine_tune_from_one_phase2_checkpoint(world, tmp_path):
+    from xdtrain.train import checkpointing as ck
+    from xdtrain.train.config import TransferConfig
+    from xdtrain.train.transfer import transfer_dense, transfer_ps
+
+    model, ps, opts = build(world, job="pretrain")
+    b = batch_of(model, world, ("d1", "d0", OVERLAP))
+    for step in ("pre", "critic", "gen"):
+        iterate(model, ps, opts, b if step == "gen" else {k: b[k] for k in ("d1", "d0")}, step)
+    d = tmp_path / "checkpoint_000000003_a000"
+    ck.save_rank0(d, ck.EngineState(step=3), model, opts)
+    ps.checkpoint(ck.ps_url(d))
+    saved = model.state_dict()
+    for target in ("a", "b"):
+        torch.manual_seed(9)
+        ft, ft_ps, ft_opts = build(world, seed=9, job="finetune", target=target)
+        report = transfer_dense(d, ft, ft_opts, TransferConfig())
+        assert not report["dense"].new and not report["dense"].dropped
+        assert all(torch.equal(v, saved[k]) for k, v in ft.state_dict().items())
+        ft_ps = LocalPS(2)
+        transfer_ps(ft_ps, ck.ps_url(d), ft.sparse_tables(), TransferConfig())
+        ids = np.unique(model.sparse_ids(b)[f"item.{target}"].numpy())
+        assert torch.equal(ft_ps.pull(f"item.{target}", ids), ps.pull(f"item.{target}", ids))
