@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -106,3 +108,44 @@ def test_zero_overlap_writes_no_overlap_stream(tmp_path):
     assert "overlap" not in out.streams and out.stats["overlap_rows"] == 0
     assert np.all(np.asarray(out.item_ids) >= 1)
     assert isinstance(out.valid.rows, pa.Table)
+
+
+def test_amazon_filters_core_and_recoding(tmp_path):
+    from xdtrain.data.amazon import AmazonConfig, amazon_pair, pair_stats
+
+    T = 1506816000
+    lines = []
+    for u in range(5):  # users u0..u4 each review items i0..i4 after the cut: a 5-core
+        for i in range(5):
+            lines.append({"reviewerID": f"u{u}", "asin": f"i{i}", "overall": 5.0, "unixReviewTime": T + 1 + 10 * u + i,
+                          "verified": True})
+    lines += [
+        {"reviewerID": "u0", "asin": "i9", "overall": 2.0, "unixReviewTime": T + 99, "verified": True},  # rating
+        {"reviewerID": "u0", "asin": "i8", "overall": 4.0, "unixReviewTime": T, "verified": True},  # not after
+        {"reviewerID": "u0", "asin": "i7", "overall": 4.0, "unixReviewTime": T + 5, "verified": False},  # unverified
+        {"reviewerID": "u5", "asin": "i0", "overall": 4.0, "unixReviewTime": T + 7, "verified": True},  # < 5 items
+        {"reviewerID": "u1", "asin": "i6", "overall": 4.0, "unixReviewTime": T + 8, "verified": True},  # < 5 users
+    ]
+    sport = tmp_path / "sport.json"
+    sport.write_text("\n".join(json.dumps(r) for r in lines))
+    cloth = tmp_path / "cloth.json"
+    cloth.write_text("\n".join(json.dumps({"reviewerID": f"u{u}", "asin": f"c{i}", "overall": 3.0,
+                                           "unixReviewTime": T + 1 + i, "verified": True})
+                               for u in (3, 4, 6, 7, 8) for i in range(5)))
+    inter = amazon_pair({"sport": sport, "cloth": cloth}, AmazonConfig())
+    stats = pair_stats(inter)
+    assert stats["sport"] == {"users": 5, "items": 5, "avg_len": 5.0, "overlap": 2}
+    assert stats["cloth"]["users"] == 5
+    for d in ("sport", "cloth"):  # items re-coded 1..|V| per domain
+        assert sorted(set(inter.filter(pc.equal(inter["domain"], d))["item_id"].to_pylist())) == [1, 2, 3, 4, 5]
+    unverified = amazon_pair({"sport": sport}, AmazonConfig(verified_only=False, k_core=1))
+    assert pair_stats(unverified)["sport"] == {"users": 6, "items": 7, "avg_len": round(28 / 6, 3), "overlap": 0}  # +i6 i7 u5
+
+
+def test_amazon_bad_line_names_file_and_line(tmp_path):
+    from xdtrain.data.amazon import AmazonConfig, read_reviews
+
+    path = tmp_path / "r.json"
+    path.write_text('{"reviewerID": "u", "asin": "i", "overall": 5, "unixReviewTime": 1}\n{"asin": "i"}\n')
+    with pytest.raises(DataError, match="r.json line 2"):
+        read_reviews(path, AmazonConfig())
