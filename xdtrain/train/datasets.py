@@ -151,7 +151,7 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
     valid, test = (EvalSet(with_seen_flags(s.rows, source_users, source_items), s.catalogue, s.item_counts,
                            name=s.name, history_column=s.history_column) for s in (out.valid, out.test))
     if cfg.eval_domains:
-        valid, test = (_eval_subset(s, cfg.eval_domains) for s in (valid, test))
+        valid, test = (eval_subset(s, cfg.eval_domains) for s in (valid, test))
     domains = sorted(valid.catalogue)
     model_data = ModelData(
         item_ids=out.item_ids, domains=domains,
@@ -166,7 +166,7 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
                         {k: v.table for k, v in out.streams.items()})
 
 
-def _eval_subset(data: EvalSet, domains: list[str]) -> EvalSet:
+def eval_subset(data: EvalSet, domains: list[str]) -> EvalSet:
     rows = data.rows.filter(pc.is_in(data.rows["domain"], pa.array(domains, pa.string())))
     if rows.num_rows == 0:
         raise DataError(f"data.eval_domains: no eval rows in {domains} ({data.name})")
