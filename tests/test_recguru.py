@@ -405,3 +405,13 @@ def test_both_targets_fine_tune_from_one_phase2_checkpoint(world, tmp_path):
         transfer_ps(ft_ps, ck.ps_url(d), ft.sparse_tables(), TransferConfig())
         ids = np.unique(model.sparse_ids(b)[f"item.{target}"].numpy())
         assert torch.equal(ft_ps.pull(f"item.{target}", ids), ps.pull(f"item.{target}", ids))
+
+
+def test_a_target_only_finetune_needs_only_the_targets_catalogue(world):
+    from xdtrain.config import ConfigError
+
+    _, out, _ = world
+    cat = {"a": out.valid.catalogue["a"]}
+    RecGuru(RecGuruConfig(**SMALL, job="finetune", domains=["a", "b"], target="a"), cat)
+    with pytest.raises(ConfigError, match=r"model.domains: \['b'\] not in the data's domains \['a'\]"):
+        RecGuru(RecGuruConfig(**SMALL, job="pretrain", domains=["a", "b"]), cat)

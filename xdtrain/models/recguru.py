@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xdtrain.config import ConfigError
 from xdtrain.data.recipes import DOMAIN_STREAM
 from xdtrain.eval.evaluator import EmbeddingScorer
 from xdtrain.models.recguru_data import (
@@ -130,12 +131,17 @@ class RecGuru(nn.Module):
         self.cfg, self.seed = cfg, seed
         doms = list(cfg.domains) or sorted(item_domains)
         if cfg.variant == "recguru" and len(doms) != 2:
-            raise ValueError(f"model.domains: RecGURU needs two domains, got {doms}")
+            raise ConfigError(f"model.domains: RecGURU needs two domains, got {doms}")
         self.domains = doms
         self.target = cfg.target or doms[0]
         if self.target not in doms:
-            raise ValueError(f"model.target {self.target!r} is not one of model.domains {doms}")
-        self.index = [DomainIndex(item_domains[d]) for d in doms]
+            raise ConfigError(f"model.target {self.target!r} is not one of model.domains {doms}")
+        # a fine-tune evaluated on its target only (data.eval_domains) needs no other catalogue
+        needed = [self.target] if cfg.job == "finetune" or cfg.variant != "recguru" else doms
+        missing = [d for d in needed if d not in item_domains]
+        if missing:
+            raise ConfigError(f"model.domains: {missing} not in the data's domains {sorted(item_domains)}")
+        self.index = [DomainIndex(item_domains.get(d, np.zeros(0, np.int64))) for d in doms]
         self.stream_rows = dict(stream_rows or {})
         n = len(doms)
         self.emb = nn.ParameterDict({f"pos{k}": nn.Parameter(torch.randn(cfg.max_len + 1, cfg.d) * cfg.init_std)
