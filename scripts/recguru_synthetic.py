@@ -126,12 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--candidates", default="uniform:199")  # popularity:199 needs 199+ items with train counts
     ap.add_argument("--out", default="")
+    ap.add_argument("--set", nargs="*", default=[], help="model config overrides, e.g. adv_lr=1e-4 l2_form=mse")
     ap.add_argument("--threads", type=int, default=1)  # more intra-op threads are slower at these sizes
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = dict(d=args.d, max_len=40, layers=1, heads=2, ffn=64, dropout=0.2, batch_size=128, job="all",
                 pretrain_steps=args.pretrain_steps, adv_iterations=args.adv_iterations, domains=["a", "b"],
                 target="a", adv_lr=1e-3, adv_item_scale=1.0)
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        base[key] = type(getattr(RecGuruConfig, key))(value)
     results = []
     for overlap in args.overlaps:
         for seed in args.seeds:
