@@ -11,10 +11,11 @@ from torch import nn
 
 from xdtrain.models.adversarial_toy import ITEM, AdversarialToy, AdversarialToyConfig
 from xdtrain.nn.program import OptimSpec, Phase, Program, Step, StreamSpec, resolve_program
-from xdtrain.nn.sparse import pull_rows, push_grads
+from xdtrain.nn.sparse import pull_rows
 from xdtrain.ps import LocalPS
 from xdtrain.train import checkpointing as ck
 from xdtrain.train import plan
+from xdtrain.train.local_program import local_iteration
 from xdtrain.train.optimizers import OptimizerSet, schedule_factor
 from xdtrain.train.worker import pick_loss
 
@@ -47,7 +48,7 @@ def test_a_model_without_hooks_gets_one_stream_one_adam_one_phase():
     (dict(streams={"x": StreamSpec(), "y": StreamSpec()}, phases=[Phase(steps=(Step(streams=("x", "y")),))]),
      "at most one non-cycling stream"),
     (dict(optims={"a": OptimSpec(params=("",)), "b": OptimSpec(params=("",))},
-          phases=[Phase(steps=(Step("a"),))]), "belongs to both"),
+          phases=[Phase(steps=(Step("a"), Step("b")))]), "belongs to both 'a' and 'b'"),
     (dict(optims={"main": OptimSpec(schedule="noam")}), "noam needs"),
     (dict(phases=[Phase(steps=(Step(streams=("nope",)),))]), "unknown streams"),
 ])
@@ -178,15 +179,7 @@ def toy(**kw) -> tuple[AdversarialToy, LocalPS, dict]:
 def iterate(model, ps, opts, batch, step: str) -> dict:
     """One engine iteration, in process (world 1)."""
     p = resolve_program(model, **DEFAULTS)
-    st = next(s for ph in p.phases for s in ph.steps if s.label == step)
-    emb = pull_rows(ps, model.sparse_ids(batch))
-    loss, named = pick_loss(model(batch, emb, step=step), st)
-    opts.zero_grad()
-    loss.backward()
-    opt = opts[st.optimizer]
-    push_grads(ps, {k: v for k, v in emb.items() if opt.spec.tables is None or k in opt.spec.tables})
-    opt.step(world=1)
-    return named
+    return local_iteration(model, ps, opts, next(s for ph in p.phases for s in ph.steps if s.label == step), batch)
 
 
 def test_toy_program_freezes_the_other_side_bit_for_bit():

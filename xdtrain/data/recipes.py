@@ -31,6 +31,10 @@ Streams (`RecipeConfig.streams`; written to `<out_dir>/<name>`, read with reader
             else true
   items     kind "items": one row per (item, domain) of the catalogue: item_id, domain, text (from
             the `items` side table; null without one), for text / ID matchers
+  by_domain kind "sequences", one dataset per domain D named `domain.<D>`: one row per user with train
+            items in D (user_id, domain, items, timestamps), for paired per-domain streams
+  overlap   kind "sequences": the `train` rows of the users with train items in two domains or more
+            (each item's domain in `domains`), for cross-domain ties between a user's sequences
 
 Eval rows: see `xdtrain.data.evalrows` (history = the user's interactions before the target, in every
 domain, at most `max_history`); targets with no history are left out and counted in the stats. The
@@ -69,8 +73,9 @@ from xdtrain.eval.candidates import EvalSet, count_items
 
 TRAIN, VALID, TEST, CONTEXT = 0, 1, 2, 3  # part of a row; CONTEXT: history of a held-out user only
 RECIPES = ("leave_one_out", "leave_one_out_domain", "chronological", "user")
-# stream -> reader table kind
-STREAMS = {"train": "sequences", "train_by_domain": "sequences", "labelled": "labelled", "items": "items"}
+STREAMS = {"train": "sequences", "train_by_domain": "sequences", "labelled": "labelled", "items": "items",
+           "by_domain": "sequences", "overlap": "sequences"}  # stream -> reader table kind
+DOMAIN_STREAM = "domain.{}"  # the dataset name of domain D's sequences (stream `by_domain`)
 SAMPLE_SEED = 2023  # the user order of `max_train_samples` (the PreRec authors' user-shuffled split)
 
 
@@ -251,6 +256,23 @@ def _sequences_stream(split: Split, cfg: RecipeConfig, by_domain: bool = False) 
                          "train_by_domain_samples": samples}
 
 
+def _domain_streams(split: Split) -> dict[str, pa.Table]:
+    """`domain.<D>` -> the train sequences of domain D, one row per user."""
+    seqs = build_sequences(split.train(), extra_columns=[], by_domain=True)
+    dom = seqs["domain"]
+    return {DOMAIN_STREAM.format(d): seqs.filter(pc.equal(dom, d)) for d in sorted(pc.unique(dom).to_pylist())}
+
+
+def _overlap_stream(split: Split) -> pa.Table:
+    """The train sequences (all domains) of the users with train items in two domains or more."""
+    train = split.train()
+    pairs = pa.table({"u": train["user_id"], "d": pc.cast(train["domain"], pa.string())})
+    counts = pairs.group_by("u").aggregate([("d", "count_distinct")])
+    users = counts.filter(pc.greater_equal(counts["d_count_distinct"], 2))["u"]
+    seqs = split.train_sequences()
+    return seqs.filter(pc.is_in(seqs["user_id"], users))
+
+
 def _labelled_stream(split: Split, source: InteractionsSource) -> pa.Table:
     train = split.train()
     n = train.num_rows
@@ -305,13 +327,23 @@ class LocalRecipe:
             if name in ("train", "train_by_domain"):
                 table, group, more = _sequences_stream(split, cfg, by_domain=name == "train_by_domain")
                 stats.update(more)
+                tables = {name: (table, group)}
+            elif name in ("by_domain", "overlap"):
+                made = _domain_streams(split) if name == "by_domain" else {name: _overlap_stream(split)}
+                tables = {k: (t, _group_rows(t.num_rows, cfg.rows_per_group, cfg.min_groups)) for k, t in made.items()}
+                stats.update({f"{k}_rows": t.num_rows for k, (t, _) in tables.items()})
             else:
                 table = _labelled_stream(split, source) if name == "labelled" else _items_stream(split, source)
                 group = _group_rows(table.num_rows, cfg.flat_rows_per_group, cfg.min_groups)
                 stats[f"{name}_rows"] = table.num_rows
-            if table.num_rows == 0:
-                raise DataError(f"{source.name}: recipe {cfg.name!r} leaves stream {name!r} empty")
-            url = write_dataset(table, Path(out_dir) / name, group)
-            streams[name] = StreamData(url, STREAMS[name], table.num_rows, group)
+                tables = {name: (table, group)}
+            for key, (table, group) in tables.items():
+                # an empty overlap stream is allowed: 0% overlap is an experiment (RecGURU)
+                if table.num_rows == 0 and name != "overlap":
+                    raise DataError(f"{source.name}: recipe {cfg.name!r} leaves stream {key!r} empty")
+                if table.num_rows == 0:
+                    continue
+                url = write_dataset(table, Path(out_dir) / key, group)
+                streams[key] = StreamData(url, STREAMS[name], table.num_rows, group)
         stats["recipe"] = cfg.name
         return RecipeOutput(streams, valid, test, split.item_ids, stats)

@@ -22,6 +22,7 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "prerec": ("xdtrain.models.prerec", "PreRecConfig", "PreRec"),
     "adversarial_toy": ("xdtrain.models.adversarial_toy", "AdversarialToyConfig", "AdversarialToy"),
     "amid": ("xdtrain.models.amid", "AmidConfig", "Amid"),
+    "recguru": ("xdtrain.models.recguru", "RecGuruConfig", "RecGuru"),
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from xdtrain.eval.evaluator import EmbeddingScorer
+from xdtrain.nn.losses import gradient_penalty
 from xdtrain.nn.program import OptimSpec, Phase, Step, StreamSpec
 from xdtrain.nn.sparse import PAD_ID, Pull, Rows
 from xdtrain.ps import OptimizerSpec, TableSpec
@@ -104,11 +105,7 @@ class AdversarialToy(nn.Module):
         if step == "gen":
             return {"gen": -self.critic(fake).mean()}
         real, fake = real.detach(), fake.detach()
-        n = min(len(real), len(fake))
-        eps = batch["aux"]["eps"][:n]
-        x_hat = (eps * real[:n] + (1 - eps) * fake[:n]).requires_grad_(True)
-        grad = torch.autograd.grad(self.critic(x_hat).sum(), x_hat, create_graph=True)[0]
-        gp = ((grad.norm(dim=1) - 1) ** 2).mean()
+        gp = gradient_penalty(self.critic, real, fake, batch["aux"]["eps"])
         wdist = self.critic(fake).mean() - self.critic(real).mean()
         return {"critic": wdist, "gp": gp, "loss": wdist + self.cfg.gp_weight * gp}
 

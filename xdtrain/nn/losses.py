@@ -84,3 +84,24 @@ def sequence_loss(rows: Tensor, pos_ids: Tensor, embed: Callable[[Tensor], Tenso
         all_ids = torch.arange(1, num_items + 1, device=rows.device)
         return full_softmax_loss(rows @ embed(all_ids).T, pos_ids - 1)
     raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+
+
+def mean_negative_bce(pos: Tensor, neg: Tensor, pairwise: bool = False) -> Tensor:
+    """RecGURU's recommendation loss (Li et al. 2022, eq. 12): the negatives' logits are averaged
+    *before* the sigmoid, then a pointwise positive/negative cross-entropy,
+    mean over rows of [-log sigmoid(pos) - log(1 - sigmoid(mean_k neg_k))].
+    `pairwise`: -log sigmoid(pos - mean_k neg_k) (the authors' code)."""
+    m = neg.mean(dim=1)
+    if pairwise:
+        return -F.logsigmoid(pos - m).mean()
+    return (-F.logsigmoid(pos) - F.logsigmoid(-m)).mean()
+
+
+def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, eps: Tensor) -> Tensor:
+    """WGAN-GP's penalty (Gulrajani et al. 2017, Alg. 1): mean over pairs of (||grad critic(x_hat)|| - 1)^2
+    at x_hat = eps * real + (1 - eps) * fake (row i of `real` paired with row i of `fake`, eps [n, 1]).
+    The graph is kept (create_graph), so the penalty back-propagates into the critic."""
+    n = min(len(real), len(fake))
+    x_hat = (eps[:n] * real[:n].detach() + (1 - eps[:n]) * fake[:n].detach()).requires_grad_(True)
+    grad = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)[0]
+    return ((grad.norm(dim=1) - 1) ** 2).mean()

@@ -110,7 +110,7 @@ class Program:
 def _check(prog: Program) -> None:
     if not prog.phases:
         raise ValueError("plan(): at least one phase")
-    owners: dict[str, str] = {}
+    owners: dict[str, list[str]] = {}
     for name, o in prog.optimizers.items():
         if o.kind not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optimizers()[{name!r}].kind: {o.kind!r}; expected adam, adamw or sgd")
@@ -121,9 +121,17 @@ def _check(prog: Program) -> None:
         if o.schedule == "noam" and (o.noam_d <= 0 or o.warmup_steps <= 0):
             raise ValueError(f"optimizers()[{name!r}]: noam needs noam_d > 0 and warmup_steps > 0")
         for p in () if o.shared else o.params:
-            if p in owners:
-                raise ValueError(f"optimizers(): prefix {p!r} belongs to both {owners[p]!r} and {name!r}")
-            owners[p] = name
+            owners.setdefault(p, []).append(name)
+    # Optimizers of different phases may share parameters (a pre-training and an adversarial Adam
+    # over one encoder); two optimizers of one phase may not, so a frozen side stays frozen
+    # (except a `shared` one, which declares that it steps another's parameters on purpose).
+    for ph in prog.phases:
+        used = {st.optimizer for st in ph.steps}
+        for p, names in owners.items():
+            both = [n for n in names if n in used]
+            if len(both) > 1:
+                raise ValueError(f"optimizers(): prefix {p!r} belongs to both {both[0]!r} and {both[1]!r}, "
+                                 f"which phase {ph.name!r} both uses")
     for name, s in prog.streams.items():
         if s.batch_size is not None and s.batch_size < 1:
             raise ValueError(f"streams()[{name!r}].batch_size must be >= 1, got {s.batch_size}")

@@ -25,14 +25,21 @@ TABLE_MODES = ("keep", "new", "import")
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "movielens", "parquet", "released"] = "synthetic"  # released: AMID CSVs
+    # released: AMID's CSVs (data.released_dir, data.pair); two_domain_csv: one two-domain CSV (RecGURU)
+    source: Literal["synthetic", "movielens", "parquet", "released", "two_domain_csv"] = "synthetic"
     world_config: str = "configs/world_demo.yaml"  # synthetic: generated into <run_dir>/world ...
     world_url: str = ""  # ... unless an existing world (or any canonical interactions dataset) is given
     dataset: str = "ml-1m"  # movielens: ml-1m | ml-100k
     domains: str = "none"  # movielens: none | genre | zip_region | platform
     min_rating: float = 0.0
     k_core: int = 5
-    interactions_url: str = ""  # parquet: a canonical interactions dataset at any fsspec URL
+    interactions_url: str = ""  # parquet: a canonical interactions dataset at any fsspec URL; two_domain_csv: the CSV
+    two_domain_names: list[str] = field(default_factory=lambda: ["d1", "d2"])  # two_domain_csv: seq_d1's, seq_d2's
+    # Overlap-rate variants (xdtrain.data.two_domain.resample_overlap): keep overlap_rate x |users of
+    # overlap_reference| users in both domains, the others in one; < 0 = the data as it is.
+    overlap_rate: float = -1.0
+    overlap_reference: str = ""
+    overlap_seed: int = 0
     # Rows equal in every column read: drop (all but the first, with a warning), keep, or error.
     duplicates: Literal["drop", "keep", "error"] = "drop"
     per_domain_catalogue: bool = True  # rank a target only against items of its own domain
@@ -113,12 +120,13 @@ class EvalSection:
     ks: list[int] = field(default_factory=lambda: [10])
     monitor: str = "ndcg@10"  # on the first candidate mode
     seed: int = 0
+    tie_policy: Literal["pessimistic", "optimistic", "average"] = "average"  # pessimistic: ties rank above
+    pop_exponent: float = 1.0  # popularity:N candidates are drawn with weight count^pop_exponent
     batch_size: int = 512
     k_percents: list[float] = field(default_factory=list)  # PreRec Recall@K% / r-NDCG@K%, e.g. [0.5]
     rndcg_a: float = 2.0  # r-NDCG = log(a) / log(a + b (rank - 1) / N)  (paper Eq. 11)
     rndcg_b: float = 15000.0
     groups: list[str] = field(default_factory=list)  # eval-row columns to break results down by, e.g. [unseen]
-    tie_policy: Literal["pessimistic", "optimistic", "average"] = "average"  # a positive tied with negatives
     baselines: list[str] = field(default_factory=lambda: ["pop"])  # also scored at test time: pop, random, sbert
     text_model: str = "minilm"  # sbert baseline: sentence-transformers model of the item texts
     text_cache: str = ""  # sbert baseline: text-vector cache ("" = the model's text_cache, or <run_dir>/cache/text)

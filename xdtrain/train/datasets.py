@@ -13,7 +13,8 @@ itself go to `<run_dir>/data/side/<kind>`.
 What every model may read (`ModelData`): the catalogue and eval domains, side tables by kind
 (`items` with text, and `interactions`: every loaded interaction before `train_domains` filtering,
 so a model can count a held-out domain's own popularity), and `extras["train_domains"]` (the
-domains trained on) and `extras["cache_dir"]` (a run-local cache folder, e.g. for text vectors).
+domains trained on), `extras["cache_dir"]` (a run-local cache folder, e.g. for text vectors) and
+`extras["streams"]` (rows of each prepared dataset a stream may read; an empty one is not written).
 Train sequences carry `items`, `timestamps` and `domains` (each item's domain) per user; eval
 rows carry the target's `timestamp`, the `history_domains` of their cross-domain history, and the
 flags `new_user`, `new_item`, `unseen` against the source domains (`data.source_domains`, by
@@ -99,8 +100,18 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> Interactions:
         ds, inter = read_dataset(cfg.interactions_url, "interactions", COLUMNS, optional)
         origin, changed = (lambda row: row_origin(ds, row)), _hashed(ds.schema)
         name, tables = cfg.interactions_url, {"interactions": cfg.interactions_url}
+    elif cfg.source == "two_domain_csv":
+        from xdtrain.data.two_domain import read_two_domain_csv, two_domain_interactions
+
+        if not cfg.interactions_url or len(cfg.two_domain_names) != 2:
+            raise DataError("data.interactions_url (the CSV) and data.two_domain_names (two names) are required "
+                            "when data.source is 'two_domain_csv'")
+        inter = two_domain_interactions(read_two_domain_csv(cfg.interactions_url), tuple(cfg.two_domain_names))
+        inter = inter.select(COLUMNS + [c for c in optional if c in inter.column_names])
+        name, tables = cfg.interactions_url, {}
     else:
-        raise DataError(f"data.source: unknown source {cfg.source!r}; expected synthetic, movielens or parquet")
+        raise DataError(f"data.source: unknown source {cfg.source!r}; expected synthetic, movielens, parquet, "
+                        "two_domain_csv or released")
     inter, dups = drop_duplicates(inter, cfg.duplicates, name, origin)
     if dups and cfg.duplicates == "drop":
         print(f"[xdtrain] warning: {name}: dropped {dups} exact duplicate interaction(s) of {inter.num_rows + dups} "
@@ -152,19 +163,24 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
     source_users, source_items = (pc.unique(source[c]).to_numpy() for c in ("user_id", "item_id"))
     del source
     inter = _keep_domains(inter, cfg.train_domains, "train_domains")
+    if cfg.overlap_rate >= 0:
+        from xdtrain.data.two_domain import resample_overlap
+
+        inter = resample_overlap(inter, cfg.overlap_rate, cfg.overlap_reference, cfg.overlap_seed)
     if inter.num_rows == 0:
         raise DataError(f"{name}: no interactions left after filtering")
     out = recipe.prepare(InteractionsSource(name, inter, tables=tables), rcfg, run_dir / "data")
     valid, test = (EvalSet(with_seen_flags(s.rows, source_users, source_items), s.catalogue, s.item_counts,
                            name=s.name, history_column=s.history_column) for s in (out.valid, out.test))
     if cfg.eval_domains:
-        valid, test = (_eval_subset(s, cfg.eval_domains) for s in (valid, test))
+        valid, test = (eval_subset(s, cfg.eval_domains) for s in (valid, test))
     domains = sorted(valid.catalogue)
     model_data = ModelData(
         item_ids=out.item_ids, domains=domains,
         item_domains={d: valid.catalogue[d] for d in domains}, tables=tables,
         extras={"train_domains": sorted(pc.unique(inter["domain"]).to_pylist()),
-                "cache_dir": str(run_dir / "cache")},
+                "cache_dir": str(run_dir / "cache"),
+                "streams": {k: v.rows for k, v in out.streams.items()}},
     )
     stats = {**out.stats, "duplicates": dups, "prepare_seconds": round(time.time() - t0, 1), "source": name}
     streams = {k: v.url for k, v in out.streams.items()}
@@ -207,7 +223,7 @@ def _prepare_amid(cfg: DataConfig, run_dir: Path, min_groups: int, t0: float) ->
                         {k: v.table for k, v in out.streams.items()})
 
 
-def _eval_subset(data: EvalSet, domains: list[str]) -> EvalSet:
+def eval_subset(data: EvalSet, domains: list[str]) -> EvalSet:
     rows = data.rows.filter(pc.is_in(data.rows["domain"], pa.array(domains, pa.string())))
     if rows.num_rows == 0:
         raise DataError(f"data.eval_domains: no eval rows in {domains} ({data.name})")

@@ -26,8 +26,9 @@ class RankingEval:
     def __init__(self, data: EvalSet, cfg: EvalSection, ks: list[int] | None = None) -> None:
         self.data, self.cfg = data, cfg
         self.configs = [EvalConfig(candidates=c, ks=list(ks or cfg.ks), seed=cfg.seed, user_batch=cfg.batch_size,
+                                   tie_policy=cfg.tie_policy, pop_exponent=cfg.pop_exponent,
                                    k_percents=list(cfg.k_percents), rndcg_a=cfg.rndcg_a, rndcg_b=cfg.rndcg_b,
-                                   groups=list(cfg.groups), tie_policy=cfg.tie_policy)
+                                   groups=list(cfg.groups))
                         for c in cfg.candidates]
         self.candidates = [prepare_candidates(data, c.spec()) for c in self.configs]
 

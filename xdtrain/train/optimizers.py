@@ -21,15 +21,17 @@ from xdtrain.nn.program import OptimSpec
 
 def group_params(model: nn.Module, specs: dict[str, OptimSpec]) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Each optimizer's (name, parameter) list: a parameter goes to the optimizer with the longest
-    matching prefix, and also to every `shared` optimizer a prefix of which matches it. A parameter
-    no optimizer claims is never stepped (it stays as initialised)."""
+    matching prefix (to each of them when optimizers of different phases declare the same prefix),
+    and also to every `shared` optimizer a prefix of which matches it. A parameter no optimizer
+    claims is never stepped (it stays as initialised)."""
     groups: dict[str, list] = {k: [] for k in specs}
-    prefixes = sorted(((p, k) for k, s in specs.items() if not s.shared for p in s.params),
-                      key=lambda x: -len(x[0]))
     for name, param in model.named_parameters():
-        owner = next((k for p, k in prefixes if name.startswith(p)), None)
-        if owner is not None:
-            groups[owner].append((name, param))
+        best = {k: max((len(p) for p in s.params if name.startswith(p)), default=-1)
+                for k, s in specs.items() if not s.shared}
+        top = max(best.values(), default=-1)
+        for k, n in best.items():
+            if top >= 0 and n == top:
+                groups[k].append((name, param))
         for k, s in specs.items():
             if s.shared and any(name.startswith(p) for p in s.params):
                 groups[k].append((name, param))
