@@ -86,7 +86,8 @@ def test_interrupted_run_resumes_to_the_same_curve(ray_cluster, world, tmp_path)
 
 
 def test_killed_worker_is_recovered_from_checkpoint(ray_cluster, world, tmp_path):
-    extra = ("train.checkpoint_every=5", "train.epochs=2")
+    # logging every 3 steps, checkpoints every 5: a checkpoint still counts every sample before it
+    extra = ("train.checkpoint_every=5", "train.epochs=2", "train.log_every=3")
     clean = train(engine_config(world, tmp_path / "clean", *extra))
     hit = train(engine_config(world, tmp_path / "hit", *extra), faults={"kill_worker_at_step": 8, "kill_rank": 1})
     assert [r["target"] for r in records(tmp_path / "hit") if r["kind"] == "fault"] == ["worker"]

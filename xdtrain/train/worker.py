@@ -335,6 +335,8 @@ class Worker:
         return metrics, _agree_any([stop], self.world, self.device)[0]
 
     def _checkpoint(self, metrics: dict | None = None) -> None:
+        if self._window["steps"]:  # the samples trained so far belong in the checkpoint's state
+            self._log()
         self.ps.flush()
         _barrier(self.world)
         name = ck.checkpoint_name(self.state.step, self.attempt_of_group())
