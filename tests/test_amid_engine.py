@@ -37,6 +37,7 @@ def test_amid_runs_both_stages_on_two_workers_and_reports_by_overlap(ray_cluster
     assert len(metrics["validations"]) == 2  # one per phase epoch (an O-pass then a D-pass)
 
 
+@pytest.mark.slow  # the 2-worker test above covers the program in the default suite (make test < 20 min)
 def test_the_same_config_runs_on_one_worker_with_the_in_process_ps(ray_cluster, tmp_path):
     run = tmp_path / "amid1"
     cfg = load_config(EngineConfig, "configs/amid_released.yaml",

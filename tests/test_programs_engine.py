@@ -163,6 +163,7 @@ def train_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
+@pytest.mark.slow  # ~75 s; the worker-kill test keeps mid-phase resume in the default suite
 def test_two_stream_program_resumes_mid_phase_after_the_driver_is_killed(ray_cluster, world, clean, tmp_path):
     run = tmp_path / "cut"
     argv = [f"run_dir={run}", f"data.world_url={world}", *SMALL, *PROGRAM]
