@@ -327,17 +327,18 @@ def test_exported_vectors_rank_as_the_scorer_without_popularity(world, variant):
 def test_balanced_training_draws_single_domain_rows(world):
     """Spec sec. 2.6 on the engine: `balanced` (the default) reads the recipe's (user, domain) rows
     through the domain-balanced sampler; those rows give the same batch as per-user rows split here."""
-    from xdtrain.train.engine import check_stream_datasets
+    from xdtrain.train.config import EngineConfig
+    from xdtrain.train.engine import check_program
 
     bal, plain = _model(world), _model(world, balanced=False)
     assert bal.cfg.balanced and bal.streams() == {"train": StreamSpec("train_by_domain", sampler="domain_balanced")}
     assert plain.streams() == {"train": StreamSpec()}
     prog = resolve_program(bal, batch_size=8, epochs=1, patience=0, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     assert prog.streams["train"].sampler == "domain_balanced" and prog.streams["train"].batch_size == 8
-    check_stream_datasets(bal, SimpleNamespace(streams={"train": "u1", "train_by_domain": "u2"}))
+    check_program(EngineConfig(), bal, SimpleNamespace(streams={"train": "u1", "train_by_domain": "u2"}))
     with pytest.raises(ConfigError, match="data.streams: .* reads dataset 'train_by_domain'.*add 'train_by_domain'"):
-        check_stream_datasets(bal, SimpleNamespace(streams={"train": "u1"}))
-    check_stream_datasets(plain, SimpleNamespace(streams={"train": "u1"}))
+        check_program(EngineConfig(), bal, SimpleNamespace(streams={"train": "u1"}))
+    check_program(EngineConfig(), plain, SimpleNamespace(streams={"train": "u1"}))
     inter = world[0].filter(pa.compute.is_in(world[0]["domain"], pa.array(["a", "b"])))
     per_user = build_sequences(inter, extra_columns=["domain"], by_domain=False)
     one, two = (bal.make_batch(r, np.random.default_rng(3)) for r in (_rows(world), per_user))

@@ -82,15 +82,20 @@ def _check(cfg: EngineConfig) -> None:
     model_config(cfg.model)  # a bad model section fails before any data or Ray work
 
 
-def check_program(cfg: EngineConfig, model: object) -> None:
+def check_program(cfg: EngineConfig, model: object, data: PreparedData) -> None:
     """The model's training program under this config, checked on the driver before any Ray work
-    (e.g. train.epochs=0 with a program whose phases count epochs)."""
+    (e.g. train.epochs=0 with a program whose phases count epochs), and every dataset its streams
+    read prepared by the data recipe: a ConfigError (exit 2) before any worker starts."""
     t = cfg.train
     try:
-        plan.program_for(model, t)
+        prog = plan.program_for(model, t)
     except ValueError as e:
         raise ConfigError(f"model {cfg.model.get('name')!r} cannot train with train.epochs={t.epochs}, "
                           f"train.batch_size={t.batch_size}: {e}") from None
+    for name, spec in prog.streams.items():
+        if spec.dataset not in data.streams:
+            raise ConfigError(f"data.streams: the model's stream {name!r} reads dataset {spec.dataset!r}, but the "
+                              f"data recipe prepares only {sorted(data.streams)}; add {spec.dataset!r} to data.streams")
 
 
 def make_ps(cfg: EngineConfig, run_id: str):
@@ -117,15 +122,6 @@ def scaling(cfg: EngineConfig) -> ScalingConfig:
 def stream_datasets(data: PreparedData) -> dict[str, tuple[str, str]]:
     """Dataset name -> (URL, reader table kind) of every prepared dataset a stream may read."""
     return {name: (url, data.stream_tables[name]) for name, url in data.streams.items()}
-
-
-def check_stream_datasets(model, data: PreparedData) -> None:
-    """Every dataset the model's streams read was prepared; a ConfigError (exit 2) before any worker starts."""
-    specs = model.streams() if hasattr(model, "streams") else {}
-    for name, spec in specs.items():
-        if spec.dataset not in data.streams:
-            raise ConfigError(f"data.streams: the model's stream {name!r} reads dataset {spec.dataset!r}, but the "
-                              f"data recipe prepares only {sorted(data.streams)}; add {spec.dataset!r} to data.streams")
 
 
 def fit(cfg: EngineConfig, data: PreparedData, ps, ps_init: str, board, init_dense: str = "",
@@ -189,8 +185,7 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
     print(f"[xdtrain] data: {data.stats}")
     model = build_model(cfg.model, data.model_data, cfg.train.seed)
-    check_stream_datasets(model, data)
-    check_program(cfg, model)
+    check_program(cfg, model, data)
     connect_ray(cfg, log)
     ps = make_ps(cfg, run_dir.name)
     for spec in model.sparse_tables():
