@@ -138,6 +138,19 @@ def test_prune_keeps_complete_checkpoints_and_removes_older_remains(storage):
     assert sorted(p.name for p in storage.glob("checkpoint_*")) == [done[1].name, done[2].name, in_progress.name]
 
 
+def test_after_a_failed_fit_every_partial_checkpoint_is_discarded_and_others_are_kept(storage):
+    done, _ = write_checkpoint(storage, 2)
+    partials = [write_checkpoint(storage, s)[0] for s in (4, 6)]
+    for p in partials:
+        (p / ck.MANIFEST_FILE).unlink()
+    mine = storage / "checkpoint_000000009_a000"  # named like the engine's, holding a user's file
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert ck.discard_incomplete(storage) == [p.name for p in partials]
+    assert sorted(p.name for p in storage.glob("checkpoint_*")) == [done.name, mine.name]
+    assert loads(done) and (mine / "notes.txt").read_text() == "keep"
+
+
 # ---------------------------------------------------------------- a full disk
 
 

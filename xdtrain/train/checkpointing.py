@@ -351,6 +351,18 @@ def raise_if_disk_full(e: BaseException, directory: str | Path, discard: bool) -
     raise DiskFullError(f"{d}: no space left on device while writing this checkpoint; {keep}") from e
 
 
+def discard_incomplete(run_storage: str | Path) -> list[str]:
+    """Delete the incomplete engine checkpoints of a run whose workers have all stopped (the driver,
+    after a failed fit): a full disk may have stopped any rank mid-write, and only rank 0 discards
+    its own partial checkpoint, so a retry's partial one could stay and hold the space."""
+    root = Path(run_storage)
+    doomed = [p for p in sorted(root.glob("checkpoint_*"))
+              if is_engine_checkpoint(p) and not is_complete(p, checksums=False)]
+    for p in doomed:
+        remove_owned(p, root, created=is_engine_checkpoint)
+    return [p.name for p in doomed]
+
+
 _NAME = re.compile(r"checkpoint_\d{9}_a\d{3}")  # checkpoint_name's pattern
 _LAYOUT = re.compile("|".join([*(re.escape(n) for n in (ENGINE_FILE, DENSE_FILE, OPTIM_FILE, PS_DIR, MARKER,
                                                          MANIFEST_FILE)),

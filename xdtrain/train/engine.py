@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from xdtrain.config import ConfigError, to_dict
 from xdtrain.models import build_model, model_config
-from xdtrain.outputs import claim_output_dir, write_json_atomic
+from xdtrain.outputs import claim_output_dir, disk_full, write_json_atomic
 from xdtrain.ps.shm import reclaim_orphans
 from xdtrain.report import render_report
 from xdtrain.train import checkpointing as ck
@@ -207,6 +207,8 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     t_fit = time.time()
     result = fit(cfg, data, ps, ps_init, board, init_dense, faults)
     if result.error is not None:
+        if disk_full(result.error) is not None:
+            ck.discard_incomplete(run_dir / RUN_NAME)
         raise result.error  # a full disk in it: one line from the job runner (outputs.disk_full)
     fit_seconds = time.time() - t_fit
     summary = finish(cfg, data, model, ps, run_dir)
