@@ -41,6 +41,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `bench` and `xdtrain` importable from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from xdtrain.localray import init_local  # noqa: E402
 from xdtrain.ps.ids import route_ids  # noqa: E402
 from xdtrain.ps.init import mix64  # noqa: E402
 from xdtrain.ps.local import LocalPS  # noqa: E402
@@ -181,7 +182,7 @@ def main() -> None:
     from xdtrain.ps.client import PSClient
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=4, resources={"ps": 8}, include_dashboard=False, log_to_driver=False)
+    init_local(num_cpus=4, resources={"ps": 8}, include_dashboard=False, log_to_driver=False)
     n, dim = args.rows, args.dim
     spec = TableSpec("t", dim, optimizer=OptimizerSpec("rowwise_adagrad", lr=0.01))
     batches = make_batches(n, args.sizes, args.rows_per_point, dists=args.dists, sort=args.sorted)

@@ -53,9 +53,8 @@ def phase_reference(args) -> dict:
 
 
 def phase_engine(args) -> dict:
-    import ray
-
     from xdtrain.config import load_config
+    from xdtrain.localray import init_local
     from xdtrain.train.config import EngineConfig
     from xdtrain.train.engine import train
 
@@ -68,8 +67,8 @@ def phase_engine(args) -> dict:
                 "train.log_every=5", "train.progress=false", "export_embeddings=false", "eval.baselines=[]",
                 "eval.candidates=[uniform:100]"]
         cfg = load_config(EngineConfig, "configs/demo.yaml", over)
-        ray.init(num_cpus=max(2, args.workers), resources={"ps": 8.0, "trainer": 4.0}, include_dashboard=False,
-                 log_to_driver=False)
+        init_local(num_cpus=max(2, args.workers), resources={"ps": 8.0, "trainer": 4.0}, include_dashboard=False,
+                   log_to_driver=False)
         s = train(cfg)
         recs = [json.loads(x) for x in Path(tmp, "run", "curves.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r["kind"] == "train"][1:]

@@ -13,18 +13,18 @@ CLI works across invocations:
     python -m cluster.local add --cpus 1 --trainer 1
     python -m cluster.local down
 
-Safety on a shared machine: all ports are picked free (no fixed 6379/8265/10001/52365), the
-dashboard binds 127.0.0.1, Ray's files live under `root` (so no other `ray.init()` on the machine
-finds this cluster by accident), token authentication stays on (Ray's default when
-`RAY_AUTH_MODE` is unset; clients need `RAY_AUTH_MODE=token`, see `client_env()`), and a signal
-goes only to a process whose pid *and* start time match what this cluster recorded.
+Safety on a shared machine: all ports are picked free (no fixed 6379/8265/10001/52365), every
+node and its agents listen on 127.0.0.1 only (`xdtrain.localray`), Ray's files live under `root`
+(so no other `ray.init()` on the machine finds this cluster by accident), token authentication
+stays on (Ray's default when `RAY_AUTH_MODE` is unset; clients need `RAY_AUTH_MODE=token`, see
+`client_env()`) with a token file only its owner can read, and a signal goes only to a process
+whose pid *and* start time match what this cluster recorded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from xdtrain.localray import secure_token_file
 from xdtrain.outputs import MARKER, OutputError, claim_output_dir, is_owned, remove_owned, write_json_atomic
 
 __all__ = ["ClusterError", "LocalCluster", "NodeSpec", "default_root"]
@@ -78,27 +79,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_executable() -> str:
-    beside = Path(sys.executable).with_name("ray")  # the venv's own `ray`, whatever PATH says
-    found = str(beside) if beside.exists() else shutil.which("ray")
-    if not found:
-        raise ClusterError("the `ray` command was not found next to this Python or on PATH")
-    return found
-
-
 def _enable_token_auth() -> dict[str, str]:
     """Keep Ray's token authentication on for the nodes and for this process's GCS client.
 
     An explicit RAY_AUTH_MODE is respected; unset means token mode, with the token Ray keeps in
-    ~/.ray/auth_token (generated here if missing, as `ray.init()` would for a new local cluster).
+    ~/.ray/auth_token (generated here if missing, as `ray.init()` would for a new local cluster, but
+    readable by its owner only).
     """
     if os.environ.get("RAY_AUTH_MODE") is None:
         from ray._private.authentication import authentication_token_setup as auth
         from ray._raylet import AuthenticationTokenLoader
 
-        if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-            auth.generate_and_save_token()
-            AuthenticationTokenLoader.instance().reset_cache()
+        secure_token_file()  # created 0600 when missing (Ray's own would be world-readable)
+        AuthenticationTokenLoader.instance().reset_cache()
         auth._enable_token_auth()  # sets RAY_AUTH_MODE=token here and refreshes Ray's cached config
     return {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
 
@@ -366,7 +359,7 @@ class LocalCluster:
     def _spawn(self, name: str, spec: NodeSpec, extra: list[str]) -> None:
         log = self.root / "logs" / f"{name}.log"
         cmd = [
-            _ray_executable(),
+            sys.executable, "-m", "xdtrain.localray",  # Ray's CLI, with the node's IP resolved to loopback
             "start",
             "--block",
             "--disable-usage-stats",

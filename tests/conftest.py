@@ -16,8 +16,10 @@ def ray_cluster():
     """A local Ray instance shared by all tests that ask for it (started once, stopped at the end)."""
     import ray
 
+    from xdtrain.localray import init_local
+
     if not ray.is_initialized():
-        ray.init(
+        init_local(
             num_cpus=4,
             resources={"ps": 8, "trainer": 4},
             include_dashboard=False,

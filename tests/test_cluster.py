@@ -23,6 +23,7 @@ import pytest
 from cluster.cli import main
 from cluster.local import ClusterError, LocalCluster, NodeSpec
 from cluster.runtime_env import EXCLUDES, REPO_ROOT, job_runtime_env
+from xdtrain.localray import exposed_listeners
 
 
 @pytest.fixture
@@ -132,6 +133,8 @@ def test_kill_a_node_and_add_one_back(short_root, ray_cluster):
     ) as cluster:
         alive = cluster.alive_nodes()
         assert set(alive) == {"head", "worker-1"}
+        if os.geteuid() == 0:  # every node's services on loopback only (reading their sockets needs root)
+            assert exposed_listeners([n["pid"] for n in cluster.state["nodes"].values()]) == []
         assert alive["worker-1"]["Resources"]["ps"] == 2 and alive["worker-1"]["Resources"]["trainer"] == 1
         assert alive["head"]["Resources"]["CPU"] == 1 and "ps" not in alive["head"]["Resources"]
         # Ray's address file stays under our root: no other `ray.init()` on the machine finds this cluster.

@@ -406,6 +406,33 @@ def test_channel_needs_the_token_keeps_order_and_returns_errors_by_class():
         chan.submit("pull", None, None, (np.arange(3),)).result()
 
 
+
+def test_channel_drops_a_silent_connection_and_one_from_another_user(monkeypatch):
+    import socket
+
+    from xdtrain.ps import channel
+
+    monkeypatch.setattr(channel, "HELLO_TIMEOUT_S", 0.3)
+    server = channel.ChannelServer(lambda *a: 0, frozenset({"pull"}))
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(server.address)
+    silent.settimeout(10)  # the deadline for the server to hang up: far above its 0.3 s
+    assert silent.recv(1) == b""  # closed by the server, not timed out here
+    if os.geteuid() != 0:
+        pytest.skip("connecting as another user needs root")
+    # a process that holds the right token is served only when it runs as the same user
+    probe = ("import os, sys, numpy as np; from xdtrain.ps.channel import Channel, ChannelClosed; "
+             "os.setuid(int(sys.argv[3])); c = Channel(chr(0) + sys.argv[1], sys.argv[2], {}); "
+             "t = c.submit('pull', None, None, (np.arange(3),))\n"
+             "try: print(t.result())\nexcept ChannelClosed: print('closed')")
+    repo = os.path.dirname(os.path.dirname(__file__))
+    runs = {uid: subprocess.run([sys.executable, "-c", probe, server.address[1:], server.token, str(uid)],
+                                capture_output=True, text=True, timeout=120, cwd=repo)
+            for uid in (os.getuid(), 65534)}
+    assert runs[os.getuid()].stdout.strip() == "0", runs[os.getuid()].stderr  # the handler's answer
+    assert runs[65534].stdout.strip() == "closed", runs[65534].stderr
+
+
 def test_repeated_ids_are_grouped_by_shard_and_read_the_same_rows():
     ids = np.random.default_rng(6).integers(-50, 3000, 5000)  # many repeats
     one, three = LocalPS(1), LocalPS(3)

@@ -9,7 +9,9 @@ the socket carries only the data calls (pull, push and their shared-memory forms
 Frames: a 4-byte little-endian length, a JSON header, then the raw bytes of any numpy arrays the
 header names (arguments are JSON scalars/strings or arrays; nothing is unpickled). The first
 frame on a connection must carry the token the actor handed out through an (authenticated) Ray
-call. Requests on one connection are served in order; responses come back in the same order.
+call, within HELLO_TIMEOUT_S, from a process of the actor's own uid (SO_PEERCRED): an abstract
+socket has no file permissions, so any local user could otherwise connect and hold a thread.
+Requests on one connection are served in order; responses come back in the same order.
 
 A client is single-threaded: it may have many requests in flight, and reads their responses in
 order (`Ticket.result()`). A closed or broken connection fails every pending ticket with
@@ -129,6 +131,15 @@ def _send_all(sock: socket.socket, parts: list) -> None:
 
 
 # ---- the actor's side ---------------------------------------------------------------------------
+HELLO_TIMEOUT_S = 10.0  # how long a new connection may take to present its token
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED: pid, uid, gid)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
 class ChannelServer:
     """Listens on an abstract Unix socket; each connection is served by its own thread.
 
@@ -157,9 +168,13 @@ class ChannelServer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
+                if peer_uid(conn) != os.getuid():  # an abstract socket has no file permissions to rely on
+                    return
+                conn.settimeout(HELLO_TIMEOUT_S)  # a silent connection must not hold a thread for ever
                 hello, _ = _read_frame(conn, max_header=1024, arrays_ok=False)  # nothing big before auth
                 if not hmac.compare_digest(str(hello.get("token", "")), self.token):
                     return
+                conn.settimeout(None)
                 while True:
                     req, args = _read_frame(conn)
                     _send_all(conn, self._run(req, args))

@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from xdtrain.config import ConfigError, to_dict
+from xdtrain.localray import bind_to_loopback, init_local
 from xdtrain.models import build_model, model_config
 from xdtrain.outputs import claim_output_dir, disk_full, write_json_atomic
 from xdtrain.ps.shm import reclaim_orphans
@@ -60,10 +61,12 @@ def connect_ray(cfg: EngineConfig, log: RayLog | None = None) -> bool:
         # Under `ray job submit` the job's runtime_env already applies (cluster/runtime_env.py) and
         # Ray refuses a second one with the same keys.
         in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+        if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+            bind_to_loopback()  # a cluster on this machine (cluster/local.py): the driver listens on loopback too
         ray.init(address=address, runtime_env=None if in_job else env, log_to_driver=True)
     else:
         need = cfg.scale.workers * cfg.scale.cpus_per_worker
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        init_local(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                  resources={"ps": 8.0, "trainer": float(cfg.scale.workers)},
                  include_dashboard=False, runtime_env=env, log_to_driver=True)
     if log is not None:
