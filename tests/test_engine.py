@@ -56,6 +56,7 @@ def test_two_workers_two_shards_learn_and_beat_popularity(ray_cluster, world, tm
     assert len(valid) == 3 and all("full/ndcg@10" in v for v in valid)
 
 
+@pytest.mark.slow  # the backends' rows are compared in test_ps_ray.py; this is the end-to-end check (~40 s)
 def test_in_process_ps_matches_ray_ps_on_one_worker(ray_cluster, world, tmp_path):
     a = train(engine_config(world, tmp_path / "local", "scale.workers=1", "ps.backend=local", "train.epochs=1"))
     b = train(engine_config(world, tmp_path / "ray", "scale.workers=1", "ps.backend=ray", "train.epochs=1"))
@@ -85,11 +86,18 @@ def test_interrupted_run_resumes_to_the_same_curve(ray_cluster, world, tmp_path)
     np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-5)
 
 
-def test_killed_worker_is_recovered_from_checkpoint(ray_cluster, world, tmp_path):
-    # logging every 3 steps, checkpoints every 5: a checkpoint still counts every sample before it
-    extra = ("train.checkpoint_every=5", "train.epochs=2", "train.log_every=3")
-    clean = train(engine_config(world, tmp_path / "clean", *extra))
-    hit = train(engine_config(world, tmp_path / "hit", *extra), faults={"kill_worker_at_step": 8, "kill_rank": 1})
+# logging every 3 steps, checkpoints every 5: a checkpoint still counts every sample before it
+FAULTED = ("train.checkpoint_every=5", "train.epochs=2", "train.log_every=3")
+
+
+@pytest.fixture(scope="module")
+def clean(ray_cluster, world, tmp_path_factory) -> dict:
+    """The uninterrupted run the fault tests compare with (one for all of them)."""
+    return train(engine_config(world, tmp_path_factory.mktemp("clean") / "run", *FAULTED))
+
+
+def test_killed_worker_is_recovered_from_checkpoint(ray_cluster, world, clean, tmp_path):
+    hit = train(engine_config(world, tmp_path / "hit", *FAULTED), faults={"kill_worker_at_step": 8, "kill_rank": 1})
     assert [r["target"] for r in records(tmp_path / "hit") if r["kind"] == "fault"] == ["worker"]
     assert hit["attempts"] == 2 and clean["attempts"] == 1
     assert hit["samples"] == clean["samples"]  # nothing skipped or read twice across the restart
@@ -97,10 +105,8 @@ def test_killed_worker_is_recovered_from_checkpoint(ray_cluster, world, tmp_path
         clean["test"]["seqrec"]["full"]["ndcg@10"], abs=0.03)
 
 
-def test_killed_ps_shard_is_recovered(ray_cluster, world, tmp_path):
-    extra = ("train.checkpoint_every=5", "train.epochs=2")
-    clean = train(engine_config(world, tmp_path / "clean", *extra))
-    hit = train(engine_config(world, tmp_path / "hit", *extra), faults={"kill_ps_shard_at_step": 8, "shard": 1})
+def test_killed_ps_shard_is_recovered(ray_cluster, world, clean, tmp_path):
+    hit = train(engine_config(world, tmp_path / "hit", *FAULTED), faults={"kill_ps_shard_at_step": 8, "shard": 1})
     killed = [r for r in records(tmp_path / "hit") if r["kind"] == "fault"]
     assert [(r["target"], r["step"]) for r in killed] == [("ps_shard", 8)]
     assert killed[0]["pid"] not in hit["ps_shard_pids"]  # the shard really died and was restarted
