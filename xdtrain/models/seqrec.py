@@ -26,7 +26,7 @@ from xdtrain.eval.exported import vector_table
 from xdtrain.nn import BERT4Rec, make_backbone
 from xdtrain.nn.batches import add_negatives, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
-from xdtrain.nn.sparse import PAD_ID, Pull, Rows
+from xdtrain.nn.sparse import PAD_ID, Pull, Rows, export_from_parts
 from xdtrain.ps import OptimizerSpec, TableSpec
 
 ITEM_TABLE = "item"
@@ -160,15 +160,26 @@ class SeqRec(nn.Module):
                                key="row")
 
     # ---- contract: export -----------------------------------------------------------------------
+    def export_keys(self) -> dict[str, pa.Table]:
+        """"item": the catalogue's raw ids."""
+        return {"item": pa.table({"id": pa.array(self.item_ids, pa.int64())})}
+
     @torch.no_grad()
-    def export(self, pull: Pull, users: pa.Table | None = None) -> dict[str, pa.Table]:
-        """"item": the catalogue's rows; with `users` (rows with user_id, history[, domain]) "user":
+    def export_part(self, name: str, rows: pa.Table, pull: Pull) -> pa.Table:
+        """"item": the rows of the ids in `rows`; "user": for rows with user_id, history[, domain],
         each row's user vector, the backbone's last hidden state over its history (what `scorer`
         scores with), keyed by user_id (and domain when the rows have one)."""
-        out = {"item": vector_table(self.item_ids, pull(ITEM_TABLE, self.item_ids))}
-        if users is not None:
-            vecs = self.user_vectors([np.asarray(h, dtype=np.int64) for h in users["history"].to_pylist()], pull)
-            out["user"] = vector_table(users["user_id"].to_numpy(), vecs)
-            if "domain" in users.column_names:
-                out["user"] = out["user"].append_column("domain", users["domain"].cast(pa.string()))
+        if name == "item":
+            ids = np.asarray(rows["id"].to_numpy(), dtype=np.int64)
+            return vector_table(ids, pull(ITEM_TABLE, ids))
+        if name != "user":
+            raise KeyError(f"SeqRec exports 'item' and 'user', not {name!r}")
+        vecs = self.user_vectors([np.asarray(h, dtype=np.int64) for h in rows["history"].to_pylist()], pull)
+        out = vector_table(rows["user_id"].to_numpy(), vecs)
+        if "domain" in rows.column_names:
+            out = out.append_column("domain", rows["domain"].cast(pa.string()))
         return out
+
+    def export(self, pull: Pull, users: pa.Table | None = None) -> dict[str, pa.Table]:
+        """"item" (the whole catalogue) and, with `users`, "user" (see `export_part`)."""
+        return export_from_parts(self, pull, users)
