@@ -54,8 +54,10 @@ class SeqRecConfig:
 class SeqRec(nn.Module):
     """Backbone + PS item table. `item_ids` is the catalogue (raw ids) negatives are drawn from."""
 
-    def __init__(self, cfg: SeqRecConfig, item_ids: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, cfg: SeqRecConfig, item_ids: np.ndarray, seed: int = 0,
+                 item_domains: dict[str, np.ndarray] | None = None) -> None:
         super().__init__()
+        self.item_domains = dict(item_domains or {})  # domain -> its raw ids: the export's item domains
         self.cfg = cfg
         self.item_ids = np.unique(np.asarray(item_ids, dtype=np.int64))
         self.num_items = len(self.item_ids)
@@ -67,7 +69,7 @@ class SeqRec(nn.Module):
 
     @classmethod
     def from_data(cls, cfg: SeqRecConfig, data, seed: int = 0) -> SeqRec:
-        return cls(cfg, data.item_ids, seed)
+        return cls(cfg, data.item_ids, seed, data.item_domains)
 
     # ---- contract: tables, batches, ids ------------------------------------------------------------
     def sparse_tables(self) -> list[TableSpec]:
@@ -161,8 +163,13 @@ class SeqRec(nn.Module):
 
     # ---- contract: export -----------------------------------------------------------------------
     def export_keys(self) -> dict[str, pa.Table]:
-        """"item": the catalogue's raw ids."""
-        return {"item": pa.table({"id": pa.array(self.item_ids, pa.int64())})}
+        """"item": the catalogue's raw ids, with their domain when the data gave the domains' items."""
+        if not self.item_domains:
+            return {"item": pa.table({"id": pa.array(self.item_ids, pa.int64())})}
+        doms = sorted(self.item_domains)
+        return {"item": pa.table({
+            "id": pa.array(np.concatenate([self.item_domains[d] for d in doms]), pa.int64()),
+            "domain": pa.array([d for d in doms for _ in range(len(self.item_domains[d]))], pa.string())})}
 
     @torch.no_grad()
     def export_part(self, name: str, rows: pa.Table, pull: Pull) -> pa.Table:
@@ -171,7 +178,8 @@ class SeqRec(nn.Module):
         scores with), keyed by user_id (and domain when the rows have one)."""
         if name == "item":
             ids = np.asarray(rows["id"].to_numpy(), dtype=np.int64)
-            return vector_table(ids, pull(ITEM_TABLE, ids))
+            out = vector_table(ids, pull(ITEM_TABLE, ids))
+            return out.append_column("domain", rows["domain"]) if "domain" in rows.column_names else out
         if name != "user":
             raise KeyError(f"SeqRec exports 'item' and 'user', not {name!r}")
         vecs = self.user_vectors([np.asarray(h, dtype=np.int64) for h in rows["history"].to_pylist()], pull)
