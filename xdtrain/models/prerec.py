@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex, days_of
 from xdtrain.data.schemas import DataError
 from xdtrain.eval.evaluator import user_batch
-from xdtrain.eval.exported import vector_table
+from xdtrain.eval.exported import keys_table, vector_table
 from xdtrain.models.prerec_data import (
     build_batch,
     chunk_sequences,
@@ -291,11 +291,7 @@ class PreRec(nn.Module):
 
     def export_keys(self) -> dict[str, pa.Table]:
         """"item": (id, domain) of every item of the text catalogue."""
-        doms = sorted(self.text.domains)
-        ids = [self.text.catalogue(d) for d in doms]
-        return {"item": pa.table({"id": pa.array(np.concatenate(ids) if ids else [], pa.int64()),
-                                  "domain": pa.array([d for d, i in zip(doms, ids) for _ in range(len(i))],
-                                                     pa.string())})}
+        return {"item": keys_table({d: self.text.catalogue(d) for d in self.text.domains})}
 
     def export_part(self, name: str, rows: pa.Table, pull: Pull, batch_size: int = 256) -> pa.Table:
         """"item": V_j of the (id, domain) rows (m_j + eps^v_j, + D_k in the paper variant), each

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from xdtrain.eval.evaluator import EmbeddingScorer
-from xdtrain.eval.exported import vector_table
+from xdtrain.eval.exported import keys_table, vector_table
 from xdtrain.nn import BERT4Rec, make_backbone
 from xdtrain.nn.batches import add_negatives, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
@@ -166,10 +166,7 @@ class SeqRec(nn.Module):
         """"item": the catalogue's raw ids, with their domain when the data gave the domains' items."""
         if not self.item_domains:
             return {"item": pa.table({"id": pa.array(self.item_ids, pa.int64())})}
-        doms = sorted(self.item_domains)
-        return {"item": pa.table({
-            "id": pa.array(np.concatenate([self.item_domains[d] for d in doms]), pa.int64()),
-            "domain": pa.array([d for d in doms for _ in range(len(self.item_domains[d]))], pa.string())})}
+        return {"item": keys_table(self.item_domains)}
 
     @torch.no_grad()
     def export_part(self, name: str, rows: pa.Table, pull: Pull) -> pa.Table:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +26,7 @@ from xdtrain.models import ModelData, build_model
 from xdtrain.nn.sparse import ExportsParts
 from xdtrain.outputs import AtomicFile, resolve
 from xdtrain.ps import LocalPS
+from xdtrain.ps.checkpoint import read_manifest
 from xdtrain.ps.export import write_export_manifest
 from xdtrain.serving.store import bucket_of, part_name
 from xdtrain.train import checkpointing as ck
@@ -45,15 +45,26 @@ class ExportSource:
     threads: int = 1  # torch threads per worker
 
 
-def load_model(src: ExportSource) -> tuple[torch.nn.Module, LocalPS]:
-    """The checkpoint's model (eval mode) and its PS tables in an in-process PS."""
+def export_model(src: ExportSource) -> torch.nn.Module:
+    """The checkpoint's model with its dense weights, in eval mode (no PS: enough for `export_keys`)."""
     model = build_model(src.model, src.data, src.seed)
     if not isinstance(model, ExportsParts):
         raise ConfigError(f"refresh: model {src.model.get('name')!r} has no export_keys/export_part hooks "
                           "(xdtrain/nn/sparse.py); the refresh job computes vectors through them")
     ck.load_dense(src.checkpoint, model)
-    model.eval()
-    return model, LocalPS.from_checkpoint(ck.ps_url(src.checkpoint))
+    return model.eval()
+
+
+def load_ps(checkpoint: str) -> LocalPS:
+    """The checkpoint's PS rows in an in-process PS (without optimizer state: they are only read)."""
+    url = ck.ps_url(checkpoint)
+    ps = LocalPS(1, read_manifest(url)["num_slots"])
+    ps.restore(url, optimizer_state=False)
+    return ps
+
+
+def load_model(src: ExportSource) -> tuple[torch.nn.Module, LocalPS]:
+    return export_model(src), load_ps(src.checkpoint)
 
 
 class ExportWorker:
@@ -170,8 +181,3 @@ def write_buckets(batches: Iterable[pa.Table], url: str, name: str, buckets: int
 def table_slices(table: pa.Table, rows: int) -> list[pa.Table]:
     """`table` in slices of at most `rows` rows (blocks of a Ray Dataset built from it)."""
     return [table.slice(a, rows) for a in range(0, max(table.num_rows, 1), max(1, rows))]
-
-
-def local_path(url: str) -> str:
-    fs, path = resolve(url)
-    return str(Path(path)) if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(path)

@@ -124,9 +124,12 @@ def build_version(cfg: RefreshConfig, src_dir: Path, step: int, version: str, ou
     write_json_atomic(f"{vdir}/{SOURCE_FILE}", {"checkpoint": str(src_dir), "step": step}, fs)
     data = prepare_data(cfg.data, work, min_groups=1)
     src = infer.ExportSource(cfg.model, data.model_data, str(src_dir), cfg.train.seed, cfg.scale.threads)
-    loaded = infer.load_model(src)
+    model = infer.export_model(src)
     users = cfg.users or freeze_users(data, work, version)
-    sources: dict[str, pa.Table | str] = {**loaded[0].export_keys(), "user": users}
+    canary = cfg.checks.canary_rows > 0 and not cfg.users
+    # the driver's own PS copy: for in-process inference and the canary's model scores only
+    loaded = (model, infer.load_ps(src.checkpoint) if cfg.workers == 0 or canary else None)
+    sources: dict[str, pa.Table | str] = {**model.export_keys(), "user": users}
     if cfg.workers > 0:
         from xdtrain.train.engine import connect_ray
 
@@ -218,12 +221,12 @@ def validate(cfg: RefreshConfig, out: str, version: str, tables: dict, source_ro
         check_norms(report, name, st, prev_st, cfg.checks)
         check_drift(report, name, st, prev, cfg.checks)
     if cfg.checks.canary_rows > 0 and not cfg.users and report.passed:
-        published, own, n = canary(cfg, out, version, data, loaded)
+        published, own, n = run_canary(cfg, out, version, data, loaded)
         check_canary(report, published, own, cfg.checks.canary_metric, n, cfg.checks)
     return report, keys
 
 
-def canary(cfg: RefreshConfig, out: str, version: str, data: PreparedData, loaded) -> tuple[float, float, int]:
+def run_canary(cfg: RefreshConfig, out: str, version: str, data: PreparedData, loaded) -> tuple[float, float, int]:
     """`canary_metric` over a fixed slice of the test rows (smallest user-id hashes), ranked on the
     full catalogue from the version's written vectors and by the model itself."""
     rows = data.test.rows
