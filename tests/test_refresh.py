@@ -23,6 +23,7 @@ from xdtrain.models import build_model
 from xdtrain.nn.program import OptimSpec
 from xdtrain.nn.sparse import pull_rows, push_grads
 from xdtrain.ps import LocalPS
+from xdtrain.refresh import infer
 from xdtrain.refresh.checks import ValidationFailed
 from xdtrain.refresh.job import FAULT_ENV, run_refresh
 from xdtrain.serving import EmbeddingReader, store
@@ -140,21 +141,38 @@ def test_a_failed_check_leaves_current_and_names_the_check(kit, tmp_path, case, 
     assert EmbeddingReader(str(out)).version == before
 
 
-def test_kill_before_the_flip_keeps_the_old_version_and_a_rerun_publishes(kit, tmp_path):
+def test_an_interrupted_table_is_redone_and_a_kill_before_the_flip_keeps_the_old_version(kit, tmp_path,
+                                                                                         monkeypatch):
     out = _new_store(kit, tmp_path)
     before = store.read_current(str(out))
-    args = ["--config", "configs/demo.yaml", *kit["args"](out, kit["cks"]["v2"], f"refresh_dir={tmp_path / 'work'}")]
-    env = {**os.environ, FAULT_ENV: "before_publish", "PYTHONPATH": str(REPO)}
+    work = f"refresh_dir={tmp_path / 'work'}"
+    real = infer.write_buckets
+
+    def dies_in_user(batches, url, name, buckets):
+        if name != "user":
+            return real(batches, url, name, buckets)
+        Path(url).mkdir(parents=True)  # what a kill mid-write leaves: a temporary part, no manifest
+        (Path(url) / ".part-00000.parquet.tmp-1-x").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer, "write_buckets", dies_in_user)
+    with pytest.raises(KeyboardInterrupt):
+        run_refresh(kit["config"](out, kit["cks"]["v2"], work))
+    monkeypatch.undo()
+    (new,) = [v for v in store.version_names(str(out)) if v != before]
+    assert store.read_version(str(out), new) is None and store.read_current(str(out)) == before
+    # a real kill between writing the version and flipping CURRENT; the item table is kept, not redone
+    args = ["--config", "configs/demo.yaml", *kit["args"](out, kit["cks"]["v2"], work)]
+    env = {**os.environ, FAULT_ENV: "before_publish", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "jobs.refresh_embeddings", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    new = [v for v in store.finished_versions(str(out)) if v != before]
-    assert len(new) == 1  # written whole, never flipped
-    assert store.read_current(str(out)) == before
-    assert EmbeddingReader(str(out)).version == before
-    # the re-run publishes the finished version as it is
-    summary = run_refresh(kit["config"](out, kit["cks"]["v2"], f"refresh_dir={tmp_path / 'work'}"))
-    assert summary["version"] == new[0] and store.read_current(str(out)) == new[0]
+    assert "item: " in proc.stdout and "rows written before, kept" in proc.stdout
+    assert store.read_version(str(out), new) is not None  # written whole, never flipped
+    assert store.read_current(str(out)) == before and EmbeddingReader(str(out)).version == before
+    summary = run_refresh(kit["config"](out, kit["cks"]["v2"], work))  # publishes the finished version as is
+    assert summary["version"] == new and store.read_current(str(out)) == new
+    assert not list((out / f"v={new}" / "user").glob(".*tmp*"))
 
 
 def test_reader_keeps_its_version_while_the_next_publishes_and_rollback(kit, tmp_path, capsys):
