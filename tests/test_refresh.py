@@ -117,6 +117,10 @@ def test_published_vectors_score_as_the_model(kit):
     exact = users[:3] @ ps.pull("item", items).numpy().T
     np.testing.assert_allclose(scores, -np.sort(-exact, axis=1)[:, :5], rtol=1e-5)
     assert set(top.reshape(-1)) <= set(items.tolist())
+    streamed = EmbeddingReader(str(out), index_bytes=0, cache_buckets=1)  # no in-memory index: files each call
+    np.testing.assert_array_equal(streamed.top_k(rows["user_id"].to_numpy()[:3], k=5, domain=dom)[0], top)
+    with pytest.raises(KeyError, match="no vector for ids \\[-5\\]"):
+        reader.vectors([int(items[0]), -5], "item")
 
 
 @pytest.mark.parametrize("case,check", [("nan", "finite"), ("drifted", "drift"), ("missing_shard", "rows")])
