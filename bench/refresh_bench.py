@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8192)
     ap.add_argument("--rows-per-bucket", type=int, default=262144)
     ap.add_argument("--dir", default="runs/bench_refresh")
+    ap.add_argument("--reuse", action="store_true", help="keep the data and checkpoint a previous run generated")
     ap.add_argument("--phase", choices=["gen", "local", "ray"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     root = Path(args.dir) / f"i{args.items}-u{args.users}"
@@ -186,13 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import shutil
 
-    shutil.rmtree(root, ignore_errors=True)
+    for m in ("local", "ray"):
+        shutil.rmtree(root / f"out-{m}", ignore_errors=True)
+    if not (args.reuse and (root / "meta.json").exists()):
+        shutil.rmtree(root, ignore_errors=True)
     common = ["-m", "bench.refresh_bench", f"--items={args.items}", f"--users={args.users}",
               f"--workers={args.workers}", f"--batch={args.batch}", f"--rows-per-bucket={args.rows_per_bucket}",
               f"--dir={args.dir}"]
     print(f"load average before: {os.getloadavg()}")
-    gen = run_phase([*common, "--phase", "gen"])
-    print(f"generated {args.items:,} items, {args.users:,} users and the checkpoint in {gen['seconds']:.0f} s")
+    if (root / "meta.json").exists():
+        print(f"reusing the {args.items:,} items, {args.users:,} users and the checkpoint in {root}")
+    else:
+        gen = run_phase([*common, "--phase", "gen"])
+        print(f"generated {args.items:,} items, {args.users:,} users and the checkpoint in {gen['seconds']:.0f} s")
     res = {m: run_phase([*common, "--phase", m]) for m in ("local", "ray")}
     print(f"load average after: {os.getloadavg()}")
     print(f"{'phase':<6} {'table':<5} {'rows':>11} {'seconds':>8} {'vectors/s':>11} {'ratio':>6}")

@@ -2,7 +2,8 @@
 vectors; checks that fail on planted bad inputs; a kill before the CURRENT flip; rollback; a reader
 pinned to its version while the next one publishes. One small world and tiny SeqRec checkpoints
 (in-process PS, a few hand-written steps) made once for the module; inference runs in-process
-(workers=0) except in the Ray Data test."""
+(workers=0, the same export hooks and writer) except in the Ray Data test, which is `slow`
+(bench/refresh_bench.py runs the Ray Data path at scale and compares it with the in-process one)."""
 
 from __future__ import annotations
 
@@ -199,6 +200,8 @@ def test_reader_keeps_its_version_while_the_next_publishes_and_rollback(kit, tmp
     assert f"* {v2}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two Ray Data actor pools start (one per table): 30 s quiet, minutes on a loaded machine
+@pytest.mark.ray
 def test_ray_data_workers_write_the_same_vectors(kit, tmp_path, ray_cluster):
     out = tmp_path / "store"
     run_refresh(kit["config"](out, kit["cks"]["v1"], "workers=2", "batch_size=200", f"refresh_dir={tmp_path / 'w'}"))

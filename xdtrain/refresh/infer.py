@@ -14,7 +14,7 @@ baseline of bench/refresh_bench.py). `write_buckets` spreads the rows over bucke
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ from xdtrain.config import ConfigError
 from xdtrain.models import ModelData, build_model
 from xdtrain.nn.sparse import ExportsParts
 from xdtrain.outputs import AtomicFile, resolve
-from xdtrain.ps import LocalPS
+from xdtrain.ps import LocalPS, OptimizerSpec, TableSpec
 from xdtrain.ps.checkpoint import read_manifest
 from xdtrain.ps.export import write_export_manifest
 from xdtrain.serving.store import bucket_of, part_name
@@ -55,16 +55,21 @@ def export_model(src: ExportSource) -> torch.nn.Module:
     return model.eval()
 
 
-def load_ps(checkpoint: str) -> LocalPS:
-    """The checkpoint's PS rows in an in-process PS (without optimizer state: they are only read)."""
+def load_ps(checkpoint: str, specs: list[TableSpec]) -> LocalPS:
+    """The checkpoint's rows of the model's tables (`specs`) in an in-process PS. They are only read,
+    so each table is declared with plain SGD: no optimizer state is restored or allocated (Adam's
+    two moments would triple the memory of a 10^7-row table)."""
     url = ck.ps_url(checkpoint)
     ps = LocalPS(1, read_manifest(url)["num_slots"])
+    for spec in specs:
+        ps.create_table(replace(spec, optimizer=OptimizerSpec("sgd", lr=1.0)))
     ps.restore(url, optimizer_state=False)
     return ps
 
 
 def load_model(src: ExportSource) -> tuple[torch.nn.Module, LocalPS]:
-    return export_model(src), load_ps(src.checkpoint)
+    model = export_model(src)
+    return model, load_ps(src.checkpoint, model.sparse_tables())
 
 
 class ExportWorker:

@@ -128,7 +128,7 @@ def build_version(cfg: RefreshConfig, src_dir: Path, step: int, version: str, ou
     users = cfg.users or freeze_users(data, work, version)
     canary = cfg.checks.canary_rows > 0 and not cfg.users
     # the driver's own PS copy: for in-process inference and the canary's model scores only
-    loaded = (model, infer.load_ps(src.checkpoint) if cfg.workers == 0 or canary else None)
+    loaded = (model, infer.load_ps(src.checkpoint, model.sparse_tables()) if cfg.workers == 0 or canary else None)
     sources: dict[str, pa.Table | str] = {**model.export_keys(), "user": users}
     if cfg.workers > 0:
         from xdtrain.train.engine import connect_ray
