@@ -87,8 +87,11 @@ class ExportWorker:
 
 def infer_ray(src: ExportSource, name: str, rows, workers: int, batch_size: int) -> Iterator[pa.Table]:
     """The vectors of table `name` for the rows of Ray Dataset `rows`, from `workers` actors, as batches."""
-    out = rows.map_batches(ExportWorker, fn_constructor_kwargs={"src": src, "name": name}, concurrency=workers,
-                           batch_size=batch_size, batch_format="pyarrow", num_cpus=1)
+    import ray.data
+
+    out = rows.map_batches(ExportWorker, fn_constructor_kwargs={"src": src, "name": name},
+                           compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size,
+                           batch_format="pyarrow", num_cpus=1)
     for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
 

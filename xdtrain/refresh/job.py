@@ -131,9 +131,14 @@ def build_version(cfg: RefreshConfig, src_dir: Path, step: int, version: str, ou
     loaded = (model, infer.load_ps(src.checkpoint, model.sparse_tables()) if cfg.workers == 0 or canary else None)
     sources: dict[str, pa.Table | str] = {**model.export_keys(), "user": users}
     if cfg.workers > 0:
+        import ray.data
+
         from xdtrain.train.engine import connect_ray
 
-        connect_ray(cfg, log)
+        # an embedded Ray gets a CPU per actor plus one for Ray Data's read tasks (else on a
+        # 2-core machine the 2 actors hold both CPUs and the read waits for ever)
+        connect_ray(replace(cfg, scale=replace(cfg.scale, workers=cfg.workers + 1, cpus_per_worker=1.0)), log)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     tables, source_rows = {}, {}
     for name, rows in sources.items():
         source_rows[name] = rows.num_rows if isinstance(rows, pa.Table) else infer.dataset_rows(rows)
