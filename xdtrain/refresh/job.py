@@ -93,6 +93,8 @@ def run_refresh(cfg: RefreshConfig) -> dict:
     work = claim_output_dir(cfg.refresh_dir or f"{cfg.run_dir}/refresh", "refresh_dir", overwrite=cfg.overwrite)
     out = str(claim_output_dir(cfg.out, "out"))
     previous = store.read_current(out)
+    if cfg.workers > 0:
+        import ray.data  # noqa: F401  (before RayLog: its loggers then go to the run's ray.log too)
     with RayLog(work, cfg.verbose) as log:
         info = store.read_version(out, version)
         if info is None:
