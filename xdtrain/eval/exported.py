@@ -34,6 +34,15 @@ def vector_table(ids: np.ndarray | Tensor, vectors: np.ndarray | Tensor, domain:
     return pa.table(cols)
 
 
+def keys_table(by_domain: dict[str, np.ndarray]) -> pa.Table:
+    """(id, domain) of every id of every domain, domains in sorted order (an export's catalogue keys)."""
+    doms = sorted(by_domain)
+    ids = [np.asarray(by_domain[d], dtype=np.int64) for d in doms]
+    which = np.repeat(np.arange(len(doms)), [len(i) for i in ids])
+    return pa.table({"id": pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int64), pa.int64()),
+                     "domain": pc.take(pa.array(doms, pa.string()), pa.array(which, pa.int64()))})
+
+
 def _by_domain(table: pa.Table, what: str) -> dict[str | None, tuple[Tensor, Tensor]]:
     """{domain (None: all rows): (ids, vectors)}; ValueError on an id repeated within a domain."""
     doms = table.column("domain").to_pylist() if "domain" in table.column_names else [None] * table.num_rows

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from xdtrain.data.popularity import PopFactorsConfig, PopularityIndex, days_of
 from xdtrain.data.schemas import DataError
 from xdtrain.eval.evaluator import user_batch
-from xdtrain.eval.exported import vector_table
+from xdtrain.eval.exported import keys_table, vector_table
 from xdtrain.models.prerec_data import (
     build_batch,
     chunk_sequences,
@@ -60,7 +60,7 @@ from xdtrain.models.prerec_data import (
 from xdtrain.nn import SASRec
 from xdtrain.nn.losses import sampled_softmax_loss
 from xdtrain.nn.program import DEFAULT_STREAM, StreamSpec
-from xdtrain.nn.sparse import Pull, Rows
+from xdtrain.nn.sparse import Pull, Rows, export_from_parts
 from xdtrain.ps import OptimizerSpec, TableSpec
 from xdtrain.text.cache import ItemVectors, TextEncodeConfig, side_table_vectors
 
@@ -289,23 +289,37 @@ class PreRec(nn.Module):
 
     # ------------------------------------------------------------ engine contract: export
 
-    def export(self, pull: Pull, users: pa.Table | None = None, batch_size: int = 256) -> dict[str, pa.Table]:
-        """"item": V_j of every (domain, item) of the text catalogue (m_j + eps^v_j, + D_k in the paper
-        variant), keyed by (id, domain); with `users` (eval rows: user_id, domain, history[, timestamp])
-        "user": each row's U_i, keyed by (user_id, domain). U_i^T V_j is the scorer's logit without the
+    def export_keys(self) -> dict[str, pa.Table]:
+        """"item": (id, domain) of every item of the text catalogue."""
+        return {"item": keys_table({d: self.text.catalogue(d) for d in self.text.domains})}
+
+    def export_part(self, name: str, rows: pa.Table, pull: Pull, batch_size: int = 256) -> pa.Table:
+        """"item": V_j of the (id, domain) rows (m_j + eps^v_j, + D_k in the paper variant), each
+        domain's tower run once per call; "user": for eval rows (user_id, domain, history[, timestamp])
+        each row's U_i, keyed by (user_id, domain). U_i^T V_j is the scorer's logit without the
         popularity term (it depends on the day) and the constant D_k W_d (it does not rank)."""
+        if name not in ("item", "user"):
+            raise KeyError(f"PreRec exports 'item' and 'user', not {name!r}")
         was = self.training
         self.eval()
         try:
             with torch.no_grad():
-                items = [vector_table(self.text.catalogue(d), item_vectors(self, d, pull)["base"], domain=d)
-                         for d in sorted(self.text.domains)]
-                out = {"item": pa.concat_tables(items)}
-                if users is not None:
-                    out["user"] = self._export_users(users, pull, batch_size)
+                if name == "user":
+                    return self._export_users(rows, pull, batch_size)
+                doms = np.asarray(pc.cast(rows.column("domain"), pa.string()).to_pylist(), dtype=object)
+                ids = np.asarray(rows.column("id").to_numpy(), dtype=np.int64)
+                parts = []
+                for d in sorted(set(doms.tolist())):
+                    sel = ids[doms == d]
+                    base = item_vectors(self, d, pull)["base"][torch.from_numpy(self.text.positions(d, sel))]
+                    parts.append(vector_table(sel, base, domain=d))
+                return pa.concat_tables(parts) if parts else vector_table(ids, np.zeros((0, self.cfg.d)))
         finally:
             self.train(was)
-        return out
+
+    def export(self, pull: Pull, users: pa.Table | None = None) -> dict[str, pa.Table]:
+        """"item": every (domain, item) of the text catalogue; with `users`, "user" (see `export_part`)."""
+        return export_from_parts(self, pull, users)
 
     def _export_users(self, users: pa.Table, pull: Pull, batch_size: int) -> pa.Table:
         scorer = PreRecScorer(self, users, pull)

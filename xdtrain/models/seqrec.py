@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from xdtrain.eval.evaluator import EmbeddingScorer
-from xdtrain.eval.exported import vector_table
+from xdtrain.eval.exported import keys_table, vector_table
 from xdtrain.nn import BERT4Rec, make_backbone
 from xdtrain.nn.batches import add_negatives, cloze_batch, next_item_batch, pad_right
 from xdtrain.nn.losses import sequence_loss
-from xdtrain.nn.sparse import PAD_ID, Pull, Rows
+from xdtrain.nn.sparse import PAD_ID, Pull, Rows, export_from_parts
 from xdtrain.ps import OptimizerSpec, TableSpec
 
 ITEM_TABLE = "item"
@@ -54,8 +54,10 @@ class SeqRecConfig:
 class SeqRec(nn.Module):
     """Backbone + PS item table. `item_ids` is the catalogue (raw ids) negatives are drawn from."""
 
-    def __init__(self, cfg: SeqRecConfig, item_ids: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, cfg: SeqRecConfig, item_ids: np.ndarray, seed: int = 0,
+                 item_domains: dict[str, np.ndarray] | None = None) -> None:
         super().__init__()
+        self.item_domains = dict(item_domains or {})  # domain -> its raw ids: the export's item domains
         self.cfg = cfg
         self.item_ids = np.unique(np.asarray(item_ids, dtype=np.int64))
         self.num_items = len(self.item_ids)
@@ -67,7 +69,7 @@ class SeqRec(nn.Module):
 
     @classmethod
     def from_data(cls, cfg: SeqRecConfig, data, seed: int = 0) -> SeqRec:
-        return cls(cfg, data.item_ids, seed)
+        return cls(cfg, data.item_ids, seed, data.item_domains)
 
     # ---- contract: tables, batches, ids ------------------------------------------------------------
     def sparse_tables(self) -> list[TableSpec]:
@@ -160,15 +162,29 @@ class SeqRec(nn.Module):
                                key="row")
 
     # ---- contract: export -----------------------------------------------------------------------
+    def export_keys(self) -> dict[str, pa.Table]:
+        """"item": the catalogue's raw ids, with their domain when the data gave the domains' items."""
+        if not self.item_domains:
+            return {"item": pa.table({"id": pa.array(self.item_ids, pa.int64())})}
+        return {"item": keys_table(self.item_domains)}
+
     @torch.no_grad()
-    def export(self, pull: Pull, users: pa.Table | None = None) -> dict[str, pa.Table]:
-        """"item": the catalogue's rows; with `users` (rows with user_id, history[, domain]) "user":
+    def export_part(self, name: str, rows: pa.Table, pull: Pull) -> pa.Table:
+        """"item": the rows of the ids in `rows`; "user": for rows with user_id, history[, domain],
         each row's user vector, the backbone's last hidden state over its history (what `scorer`
         scores with), keyed by user_id (and domain when the rows have one)."""
-        out = {"item": vector_table(self.item_ids, pull(ITEM_TABLE, self.item_ids))}
-        if users is not None:
-            vecs = self.user_vectors([np.asarray(h, dtype=np.int64) for h in users["history"].to_pylist()], pull)
-            out["user"] = vector_table(users["user_id"].to_numpy(), vecs)
-            if "domain" in users.column_names:
-                out["user"] = out["user"].append_column("domain", users["domain"].cast(pa.string()))
+        if name == "item":
+            ids = np.asarray(rows["id"].to_numpy(), dtype=np.int64)
+            out = vector_table(ids, pull(ITEM_TABLE, ids))
+            return out.append_column("domain", rows["domain"]) if "domain" in rows.column_names else out
+        if name != "user":
+            raise KeyError(f"SeqRec exports 'item' and 'user', not {name!r}")
+        vecs = self.user_vectors([np.asarray(h, dtype=np.int64) for h in rows["history"].to_pylist()], pull)
+        out = vector_table(rows["user_id"].to_numpy(), vecs)
+        if "domain" in rows.column_names:
+            out = out.append_column("domain", rows["domain"].cast(pa.string()))
         return out
+
+    def export(self, pull: Pull, users: pa.Table | None = None) -> dict[str, pa.Table]:
+        """"item" (the whole catalogue) and, with `users`, "user" (see `export_part`)."""
+        return export_from_parts(self, pull, users)

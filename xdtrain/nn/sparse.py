@@ -15,6 +15,12 @@ engine (`xdtrain/train/`) knows models only through it:
             # "item", and "user" for `users` rows (user_id, history, ...) when the model can compute
             # them. The engine writes each under run_dir/embeddings/<name>-step<N>/ (else it exports
             # the raw PS tables); `xdtrain.eval.exported.export_scorer` scores eval rows from them.
+        def export_keys(self) -> dict[str, pa.Table]                 # optional, with export_part:
+        def export_part(self, name, rows: pa.Table, pull) -> pa.Table   # `export` in chunks
+            # export_keys: each catalogue table's keys (id[, domain]), every row to embed, e.g. "item";
+            # export_part: the vectors of a chunk of those keys, or of user rows for name "user".
+            # The refresh job (xdtrain/refresh/) runs export_part on Ray Data workers; `export_from_parts`
+            # is the whole `export` of such a model.
 
 A model may also declare a training program (several streams, optimizers and phases; named
 losses; `forward(batch, emb, step=...)`, `make_batch(rows, rng, stream=...)`): see
@@ -165,3 +171,21 @@ class Exports(Protocol):
     when `isinstance(model, Exports)`."""
 
     def export(self, pull: Pull, users: Any = None) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ExportsParts(Protocol):
+    """The chunked export hooks (see the module docstring): the refresh job computes every table
+    of such a model in parallel chunks; others get `export` called once per table."""
+
+    def export_keys(self) -> dict[str, Any]: ...
+
+    def export_part(self, name: str, rows: Any, pull: Pull) -> Any: ...
+
+
+def export_from_parts(model: ExportsParts, pull: Pull, users: Any = None) -> dict[str, Any]:
+    """`export` of a model with the chunked hooks: every catalogue table whole, and "user" for `users`."""
+    out = {name: model.export_part(name, keys, pull) for name, keys in model.export_keys().items()}
+    if users is not None:
+        out["user"] = model.export_part("user", users, pull)
+    return out

@@ -228,3 +228,34 @@ def check_ranges(cfg: EngineConfig) -> None:
             lo, hi = interval[1:-1].split(",")
             want = f"in {interval}" if lo and hi else (f"{'>=' if interval[0] == '[' else '>'} {lo}")
             raise ConfigError(f"{key} must be {want}, got {value}")
+
+
+@dataclass
+class RefreshChecks:
+    """What a refreshed version must pass before it is published (xdtrain/refresh/checks.py)."""
+
+    max_shrink: float = 0.01  # a table may have at most this share fewer rows than the previous version's
+    max_norm: float = 1e4  # no vector longer than this
+    max_norm_ratio: float = 2.0  # mean vector norm within [1/r, r] times the previous version's
+    drift_sample: int = 1000  # fixed sample of keys (smallest id hashes) compared with the previous version
+    min_drift_cosine: float = 0.5  # their mean cosine to the previous version's vectors (-1: never fails)
+    canary_rows: int = 500  # held-out test rows ranked from the published vectors and by the model (0: off)
+    canary_metric: str = "ndcg@10"  # full-catalogue metric compared
+    canary_tolerance: float = 0.01  # largest |published - model| allowed
+
+
+@dataclass
+class RefreshConfig(EngineConfig):
+    """`python -m jobs.refresh_embeddings --config <pretrain yaml> checkpoint=<dir> out=<url>`: the
+    pre-training config (its data and model sections) plus what to refresh, from and to where."""
+
+    checkpoint: str = ""  # an engine checkpoint directory (e.g. runs/demo/train/checkpoint_*)
+    out: str = ""  # the embedding store (fsspec URL): versions v=<version>/ and the CURRENT pointer
+    version: str = ""  # "" = step<N>-<digest of the checkpoint manifest>: a re-run resumes the same version
+    keep: int = 3  # published versions kept besides the current one (rollback targets)
+    users: str = ""  # user histories (Parquet: user_id, history[, domain, ...]); "" = the test split's rows
+    refresh_dir: str = ""  # this job's work folder and metrics.json; "" = <run_dir>/refresh
+    workers: int = 2  # Ray Data inference actors
+    batch_size: int = 8192  # rows per inference batch
+    rows_per_bucket: int = 262144  # rows per Parquet bucket file of a published table
+    checks: RefreshChecks = field(default_factory=RefreshChecks)
