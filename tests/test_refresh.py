@@ -211,3 +211,21 @@ def test_ray_data_workers_write_the_same_vectors(kit, tmp_path, ray_cluster):
         assert a.info["tables"][table]["rows"] == b.info["tables"][table]["rows"]
     uid = np.asarray(pq.read_table(kit["root"] / "work" / "users" / f"{a.version}.parquet")["user_id"])
     np.testing.assert_allclose(a.vectors(uid, "user"), b.vectors(uid, "user"), rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_hands_workers_an_absolute_init_from(kit, monkeypatch):
+    """A relative init_from/resume_from is the driver's: Ray Train workers run in another working
+    directory, so `train` resolves it before anything is shipped to them (else they look for
+    dense.safetensors under their own cwd). The run itself is stubbed: the path is what is tested here."""
+    from xdtrain.train import engine
+
+    ckpt = kit["cks"]["v1"]
+    seen = {}
+    monkeypatch.setattr(engine, "_train", lambda cfg, run_dir, log, faults: seen.update(cfg=cfg) or {})
+    monkeypatch.chdir(ckpt.parent)
+    cfg = load_config(engine.EngineConfig, str(REPO / "configs/demo.yaml"),
+                      [f"run_dir={kit['root'] / 'ft'}", f"init_from={ckpt.name}", f"resume_from=./{ckpt.name}"])
+    engine.run_finetune(cfg)
+    assert seen["cfg"].init_from == seen["cfg"].resume_from == str(ckpt.resolve())
+    monkeypatch.chdir(REPO)  # elsewhere, as a worker is: the path still names the checkpoint
+    assert ck.open_checkpoint(seen["cfg"].init_from).step == 3

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -170,6 +171,9 @@ def best_checkpoint(run_dir: Path) -> tuple[Path, ck.EngineState]:
 def train(cfg: EngineConfig, faults: dict | None = None) -> dict:
     """The pretrain job (see the module docstring); returns the summary written to metrics.json."""
     _check(cfg)
+    # Ray Train workers run in their own working directory: a relative checkpoint path is the driver's
+    cfg = replace(cfg, **{k: str(Path(v).resolve()) for k in ("resume_from", "init_from")
+                          if (v := getattr(cfg, k)) and "://" not in v})
     for named in (cfg.resume_from, cfg.init_from):  # a checkpoint a user names must be complete
         if named:
             ck.require_complete(named)
