@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -200,6 +201,51 @@ def test_reader_keeps_its_version_while_the_next_publishes_and_rollback(kit, tmp
     assert f"* {v2}" in capsys.readouterr().out
 
 
+def _users_with_changed_histories(kit, path: Path, changed: int) -> tuple[Path, int]:
+    """The first version's user input with the first `changed` histories (those longer than 1) cut
+    short; returns the file and how many rows kept their history."""
+    rows = pq.read_table(kit["root"] / "work" / "users" / f"{store.read_current(str(kit['first']))}.parquet")
+    hist = rows["history"].to_pylist()
+    cut = [h[:-1] if i < changed and len(h) > 1 else h for i, h in enumerate(hist)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows.set_column(rows.column_names.index("history"), "history",
+                                   pa.array(cut, rows.schema.field("history").type)), path)
+    return path, sum(a == b for a, b in zip(hist, cut))
+
+
+def test_canary_with_users_ranks_the_rows_whose_history_the_file_holds(kit, tmp_path):
+    users, same = _users_with_changed_histories(kit, tmp_path / "u" / "part.parquet", changed=400)
+    assert 100 < same < 700
+    summary = run_refresh(kit["config"](tmp_path / "a", kit["cks"]["v1"], f"users={users}", "checks.canary_rows=1000"))
+    (canary,) = [e for e in store.read_version(str(tmp_path / "a"), summary["version"])["checks"]
+                 if e["check"] == "canary"]
+    assert canary["ok"] and not canary.get("skipped") and canary["values"]["rows"] == same
+    assert abs(canary["values"]["published"] - canary["values"]["model"]) < 1e-6
+    # no held-out row's history in the file: the canary is skipped, and the report and summary say why
+    users, same = _users_with_changed_histories(kit, tmp_path / "v" / "part.parquet", changed=10**9)
+    summary = run_refresh(kit["config"](tmp_path / "b", kit["cks"]["v1"], f"users={users}"))
+    assert summary["checks"]["canary/user"] == "skipped"
+    (canary,) = [e for e in store.read_version(str(tmp_path / "b"), summary["version"])["checks"]
+                 if e["check"] == "canary"]
+    assert canary["skipped"] and f"has its user with the same history in users={users}" in canary["detail"]
+
+
+def test_a_failed_version_is_listed_failed_and_pruned_once_a_later_one_publishes(kit, tmp_path, capsys):
+    out = _new_store(kit, tmp_path)
+    with pytest.raises(ValidationFailed):
+        run_refresh(kit["config"](out, kit["cks"]["nan"], "version=bad"))
+    stray = out / "v=stray"  # a failed-looking version xdtrain did not create: never deleted
+    stray.mkdir()
+    (stray / store.REPORT_FILE).write_text('{"checked_at": 0, "checks": [{"check": "rows", "table": "user", '
+                                           '"ok": false, "detail": "planted"}]}')
+    assert cli(["embeddings", "list", f"out={out}"]) == 0
+    listed = capsys.readouterr().out
+    assert "  bad  failed  check 'finite' failed on table 'user': " in listed
+    assert store.prune(str(out), keep=3) == []  # checked after CURRENT was published: the latest word
+    summary = run_refresh(kit["config"](out, kit["cks"]["v2"]))
+    assert summary["removed"] == ["bad"] and not (out / "v=bad").exists() and stray.exists()
+
+
 @pytest.mark.slow  # two Ray Data actor pools start (one per table): 30 s quiet, minutes on a loaded machine
 @pytest.mark.ray
 def test_ray_data_workers_write_the_same_vectors(kit, tmp_path, ray_cluster):
@@ -229,3 +275,40 @@ def test_finetune_hands_workers_an_absolute_init_from(kit, monkeypatch):
     assert seen["cfg"].init_from == seen["cfg"].resume_from == str(ckpt.resolve())
     monkeypatch.chdir(REPO)  # elsewhere, as a worker is: the path still names the checkpoint
     assert ck.open_checkpoint(seen["cfg"].init_from).step == 3
+
+
+@pytest.mark.slow  # a local cluster starts and the job's Ray Data actor pools run on it: minutes when loaded
+@pytest.mark.ray
+def test_refresh_submitted_with_job_submission_client(kit, tmp_path):
+    """`ray job submit` of the refresh to a local cluster (cluster/local.py) publishes the version
+    the in-process refresh of the same checkpoint published, with the same vectors."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from test_engine_cluster import wait_until
+
+    from cluster.local import LocalCluster, NodeSpec
+    from cluster.runtime_env import job_runtime_env
+
+    out = tmp_path / "store"
+    with LocalCluster.start(f"/tmp/xdt-refresh-{os.getpid()}", head=NodeSpec(num_cpus=2)) as cl:
+        # RAY_ADDRESS stays out of this process (see test_engine_cluster.py): the client needs the auth mode only
+        auth = {k: v for k, v in cl.client_env().items() if k != "RAY_ADDRESS"}
+        old = {k: os.environ.get(k) for k in auth}
+        os.environ.update(auth)
+        try:
+            client = JobSubmissionClient(cl.dashboard_url)
+            entry = " ".join([sys.executable, "-m", "jobs.refresh_embeddings", "--config", "configs/demo.yaml",
+                              *kit["args"](out, kit["cks"]["v1"], "workers=1", "batch_size=400",
+                                           f"refresh_dir={tmp_path / 'work'}")])
+            job = client.submit_job(entrypoint=entry, runtime_env=job_runtime_env())
+            status = wait_until(
+                lambda: (s := client.get_job_status(job)) in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                              JobStatus.STOPPED) and s, 400, "the job to end")
+            logs = client.get_job_logs(job)
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    a, b = EmbeddingReader(str(kit["first"])), EmbeddingReader(str(out))
+    assert a.version == b.version and f"published {b.version}" in logs
+    uid = np.asarray(pq.read_table(kit["root"] / "work" / "users" / f"{a.version}.parquet")["user_id"])
+    np.testing.assert_allclose(a.vectors(uid, "user"), b.vectors(uid, "user"), rtol=1e-5, atol=1e-6)

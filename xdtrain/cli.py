@@ -82,9 +82,9 @@ def embeddings_main(argv: list[str]) -> int:
         current = store.read_current(args["out"])
         published = {h["version"]: h for h in store.history(args["out"])}
         for v in store.version_names(args["out"]):
-            state = "finished" if store.read_version(args["out"], v) else "unfinished"
+            state, why = store.version_state(args["out"], v)
             when = published.get(v, {}).get("published", "")
-            print(f"{'*' if v == current else ' '} {v}  {state}  {when}")
+            print(f"{'*' if v == current else ' '} {v}  {state}  {when or why}")
         return 0
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"xdtrain embeddings: {e}", file=sys.stderr)

@@ -40,6 +40,11 @@ class Report:
     def add(self, check: str, table: str, ok: bool, detail: str, **values) -> None:
         self.entries.append({"check": check, "table": table, "ok": bool(ok), "detail": detail, "values": values})
 
+    def skip(self, check: str, table: str, why: str) -> None:
+        """A check not run, in the report with its reason (it does not stop the publish)."""
+        self.entries.append({"check": check, "table": table, "ok": True, "skipped": True,
+                             "detail": f"skipped: {why}", "values": {}})
+
     @property
     def passed(self) -> bool:
         return all(e["ok"] for e in self.entries)
@@ -48,7 +53,8 @@ class Report:
         return [e for e in self.entries if not e["ok"]]
 
     def lines(self) -> list[str]:
-        return [f"  {'ok  ' if e['ok'] else 'FAIL'} {e['check']:<8} {e['table']:<6} {e['detail']}"
+        return [f"  {'skip' if e.get('skipped') else 'ok  ' if e['ok'] else 'FAIL'} {e['check']:<8} {e['table']:<6} "
+                f"{e['detail']}"
                 for e in self.entries]
 
 

@@ -189,3 +189,13 @@ def write_buckets(batches: Iterable[pa.Table], url: str, name: str, buckets: int
 def table_slices(table: pa.Table, rows: int) -> list[pa.Table]:
     """`table` in slices of at most `rows` rows (blocks of a Ray Dataset built from it)."""
     return [table.slice(a, rows) for a in range(0, max(table.num_rows, 1), max(1, rows))]
+
+
+def parquet_batches(url: str, batch_size: int) -> Iterator[pa.Table]:
+    """The rows of a Parquet file or folder (any fsspec URL), `batch_size` rows at a time."""
+    fs, path = resolve(url)
+    files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    for p in files:
+        with fs.open(p, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+                yield pa.Table.from_batches([batch])

@@ -8,9 +8,10 @@ validate and publish one embedding version from a checkpoint (spec: peace.md sec
    pool (`workers`; 0 = in this process) and written as bucketed Parquet under <out>/v=<version>/.
 3. Checks (xdtrain/refresh/checks.py): rows vs the source and the previous version, NaN/Inf, norms,
    drift on a fixed sample, and the canary (held-out ranking from the written vectors vs the model's
-   own). A failure writes report.json, leaves CURRENT as it was, and exits 2 naming the check.
+   own; xdtrain/refresh/canary.py, a `skip` entry saying why where it cannot run). A failure writes
+   report.json (the version is then `failed`), leaves CURRENT as it was, and exits 2 naming the check.
 4. VERSION.json (last in the version), then the publish: HISTORY.json, then CURRENT; then versions
-   beyond `keep` are deleted.
+   beyond `keep`, and failed ones checked before this publish, are deleted.
 
 A re-run of the same checkpoint resumes the same version: finished tables (their manifest written)
 are kept, an unfinished table is deleted and redone, a finished version is only published.
@@ -26,19 +27,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from xdtrain.config import ConfigError
 from xdtrain.eval.candidates import EvalSet
-from xdtrain.eval.exported import export_scorer
 from xdtrain.outputs import AtomicFile, claim_output_dir, remove_owned, resolve, write_json_atomic
-from xdtrain.ps.export import EXPORT_MANIFEST, read_export
+from xdtrain.ps.export import EXPORT_MANIFEST
 from xdtrain.refresh import infer
+from xdtrain.refresh.canary import canary_rows, run_canary
 from xdtrain.refresh.checks import (
-    SAMPLE_HASH,
     Report,
     ValidationFailed,
     check_canary,
@@ -53,7 +51,6 @@ from xdtrain.serving.reader import EmbeddingReader
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import RefreshConfig
 from xdtrain.train.datasets import PreparedData, prepare_data
-from xdtrain.train.evaluation import RankingEval
 from xdtrain.train.raylog import RayLog
 
 FAULT_ENV = "XDTRAIN_REFRESH_FAULT"  # tests: the job kills itself (SIGKILL) at this point
@@ -111,7 +108,8 @@ def run_refresh(cfg: RefreshConfig) -> dict:
     return {"run_dir": str(work), "out": out, "version": version, "previous": previous, "removed": removed,
             "checkpoint": str(src_dir), "checkpoint_step": state.step,
             "tables": {t: {"rows": m["rows"], "dim": m["dim"]} for t, m in info["tables"].items()},
-            "checks": {f"{e['check']}/{e['table']}": e["ok"] for e in info["checks"]},
+            "checks": {f"{e['check']}/{e['table']}": "skipped" if e.get("skipped") else e["ok"]
+                       for e in info["checks"]},
             "wall_seconds": round(time.time() - t0, 1)}
 
 
@@ -128,9 +126,10 @@ def build_version(cfg: RefreshConfig, src_dir: Path, step: int, version: str, ou
     src = infer.ExportSource(cfg.model, data.model_data, str(src_dir), cfg.train.seed, cfg.scale.threads)
     model = infer.export_model(src)
     users = cfg.users or freeze_users(data, work, version)
-    canary = cfg.checks.canary_rows > 0 and not cfg.users
+    canary = canary_rows(cfg, data.test)
     # the driver's own PS copy: for in-process inference and the canary's model scores only
-    loaded = (model, infer.load_ps(src.checkpoint, model.sparse_tables()) if cfg.workers == 0 or canary else None)
+    loaded = (model, infer.load_ps(src.checkpoint, model.sparse_tables())
+              if cfg.workers == 0 or not canary[1] else None)
     sources: dict[str, pa.Table | str] = {**model.export_keys(), "user": users}
     if cfg.workers > 0:
         import ray.data
@@ -147,9 +146,9 @@ def build_version(cfg: RefreshConfig, src_dir: Path, step: int, version: str, ou
         url = store.table_dir(out, version, name)
         tables[name] = compute_table(cfg, src, loaded, name, rows, source_rows[name], url)
         fault(f"after_table_{name}")
-    report, keys = validate(cfg, out, version, tables, source_rows, data, loaded)
+    report, keys = validate(cfg, out, version, tables, source_rows, data.test, canary, loaded)
     write_json_atomic(f"{vdir}/{store.REPORT_FILE}", {"version": version, "passed": report.passed,
-                                                     "checks": report.entries}, fs)
+                                                     "checked_at": time.time(), "checks": report.entries}, fs)
     print("\n".join([f"[xdtrain] checks of {version}:"] + report.lines()))
     if not report.passed:
         first = report.failed()[0]
@@ -191,7 +190,7 @@ def compute_table(cfg: RefreshConfig, src: infer.ExportSource, loaded, name: str
               else ray.data.read_parquet(rows))
         batches = infer.infer_ray(src, name, ds, cfg.workers, cfg.batch_size)
     else:
-        parts = [rows] if isinstance(rows, pa.Table) else _parquet_batches(rows, cfg.batch_size)
+        parts = [rows] if isinstance(rows, pa.Table) else infer.parquet_batches(rows, cfg.batch_size)
         batches = infer.infer_local(src, name, parts, cfg.batch_size, loaded)
     meta = infer.write_buckets(batches, url, name, infer.num_buckets(n_rows, cfg.rows_per_bucket))
     secs = time.time() - t0
@@ -199,17 +198,8 @@ def compute_table(cfg: RefreshConfig, src: infer.ExportSource, loaded, name: str
     return meta
 
 
-def _parquet_batches(url: str, batch_size: int):
-    fs, path = resolve(url)
-    files = [path] if fs.isfile(path) else sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    for p in files:
-        with fs.open(p, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-                yield pa.Table.from_batches([batch])
-
-
-def validate(cfg: RefreshConfig, out: str, version: str, tables: dict, source_rows: dict, data: PreparedData,
-             loaded) -> tuple[Report, dict[str, list[str]]]:
+def validate(cfg: RefreshConfig, out: str, version: str, tables: dict, source_rows: dict, test: EvalSet,
+             canary: tuple[pa.Table, str], loaded) -> tuple[Report, dict[str, list[str]]]:
     """Every check of the written tables against their source and the previous version (CURRENT)."""
     report, keys = Report(), {}
     current = store.read_current(out)
@@ -227,34 +217,11 @@ def validate(cfg: RefreshConfig, out: str, version: str, tables: dict, source_ro
         check_finite(report, name, st)
         check_norms(report, name, st, prev_st, cfg.checks)
         check_drift(report, name, st, prev, cfg.checks)
-    if cfg.checks.canary_rows > 0 and not cfg.users and report.passed:
-        published, own, n = run_canary(cfg, out, version, data, loaded)
+    held, why = canary
+    why = why or ("" if report.passed else "an earlier check failed")
+    if why:
+        report.skip("canary", "user", why)
+    else:
+        published, own, n = run_canary(cfg, out, version, test, held, loaded)
         check_canary(report, published, own, cfg.checks.canary_metric, n, cfg.checks)
     return report, keys
-
-
-def run_canary(cfg: RefreshConfig, out: str, version: str, data: PreparedData, loaded) -> tuple[float, float, int]:
-    """`canary_metric` over a fixed slice of the test rows (smallest user-id hashes), ranked on the
-    full catalogue from the version's written vectors and by the model itself."""
-    rows = data.test.rows
-    uid = np.asarray(rows.column("user_id").to_numpy(), dtype=np.int64)
-    take = np.sort(np.argsort(store.bucket_of(uid, SAMPLE_HASH), kind="stable")[: cfg.checks.canary_rows])
-    test = data.test
-    ev_set = EvalSet(rows.take(take), test.catalogue, test.item_counts, name="canary rows",
-                     history_column=test.history_column)
-    metric = cfg.checks.canary_metric
-    try:
-        k = int(metric.split("@")[1])
-    except (IndexError, ValueError):
-        raise ConfigError(f"checks.canary_metric {metric!r}: want <metric>@<k>, e.g. ndcg@10") from None
-    ev = RankingEval(ev_set, replace(cfg.eval, candidates=["full"], ks=[k], groups=[]))
-    model, ps = loaded
-    key = f"full/{metric}"
-    own = ev.flat(model.scorer(ev_set.rows, ps.pull))
-    if key not in own:
-        raise ConfigError(f"checks.canary_metric {metric!r}: not among {sorted(own)}")
-    users = read_export(store.table_dir(out, version, "user"))
-    users = users.filter(pc.is_in(users.column("id"), pa.array(uid[take])))
-    items = read_export(store.table_dir(out, version, "item"))
-    published = ev.flat(export_scorer(users, items))[key]
-    return published, own[key], len(take)

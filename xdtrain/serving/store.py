@@ -3,31 +3,34 @@
 
     <out>/                         claimed by the job (.xdtrain-owned)
       CURRENT                      the served version's name, one line, replaced atomically: the publish point
-      HISTORY.json                 published versions, oldest first: [{version, published, checkpoint, step}]
+      HISTORY.json                 published versions, oldest first: [{version, published(_at), checkpoint, step}]
       v=<version>/                 one version (.xdtrain-owned)
         item/part-00000.parquet    rows (id, vector[, domain]) bucketed by hash(id) (`bucket_of`) ...
         item/_MANIFEST.json        ... listed (files, rows, dim) once every part is written
         user/...
-        report.json                the validation report of this version
+        report.json                the validation report of this version (a failed check: the version is `failed`)
         VERSION.json               its tables, checkpoint and checks; written last: the version counts from then on
 
 A version without VERSION.json is unfinished (a killed refresh): nothing serves or lists it as
-published, and re-running the same refresh resumes it. `CURRENT` only ever names a finished
-version, so a reader that opens CURRENT sees one version whole. `publish` appends to the history
-first and flips CURRENT second; `rollback` flips CURRENT to an earlier finished version; `prune`
-keeps the current version and the `keep` versions published before it.
+published, and re-running the same refresh resumes it. One whose report.json says a check failed
+is `failed` (`version_state`). `CURRENT` only ever names a finished version, so a reader that
+opens CURRENT sees one version whole. `publish` appends to the history first and flips CURRENT
+second; `rollback` flips CURRENT to an earlier finished version; `prune` keeps the current version
+and the `keep` versions published before it, and deletes failed versions checked before CURRENT
+was published.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 
 import numpy as np
 
 from xdtrain.config import ConfigError
 from xdtrain.data.schemas import DataError
-from xdtrain.outputs import remove_owned, resolve, write_json_atomic, write_text_atomic
+from xdtrain.outputs import is_owned, remove_owned, resolve, write_json_atomic, write_text_atomic
 
 CURRENT = "CURRENT"
 HISTORY = "HISTORY.json"
@@ -115,12 +118,47 @@ def finished_versions(out: str) -> list[str]:
     return [v for v in version_names(out) if read_version(out, v) is not None]
 
 
+def version_state(out: str, version: str) -> tuple[str, str]:
+    """("finished" | "failed" | "unfinished", why): failed when its report.json names a failed check
+    (the version was written whole and checked, and never published)."""
+    if read_version(out, version) is not None:
+        return "finished", ""
+    report = read_json(out, f"{PREFIX}{version}/{REPORT_FILE}")
+    failed = [e for e in report.get("checks", []) if not e.get("ok")] if isinstance(report, dict) else []
+    if not failed:
+        return "unfinished", ""
+    return "failed", f"check '{failed[0]['check']}' failed on table '{failed[0]['table']}': {failed[0]['detail']}"
+
+
+def _published_at(entry: dict) -> float:
+    if "published_at" in entry:
+        return float(entry["published_at"])
+    try:  # a history written before published_at: its time to the second
+        return datetime.strptime(entry.get("published"), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (TypeError, ValueError):
+        return float("-inf")  # unknown: nothing counts as older
+
+
+def failed_before_current(out: str) -> list[str]:
+    """Failed versions whose checks ran before CURRENT was published (a refresh since has superseded them)."""
+    current = read_current(out)
+    published = next((_published_at(h) for h in reversed(history(out)) if h.get("version") == current),
+                     float("-inf"))
+    old = []
+    for v in version_names(out):
+        if v != current and version_state(out, v)[0] == "failed":
+            report = read_json(out, f"{PREFIX}{v}/{REPORT_FILE}")
+            if float(report.get("checked_at", float("inf"))) < published:
+                old.append(v)
+    return old
+
+
 def publish(out: str, version: str, info: dict) -> None:
     """Make finished `version` the one served: record it in the history, then flip CURRENT."""
     require_version(out, version)
     fs, root = resolve(out)
     past = [h for h in history(out) if h.get("version") != version]
-    entry = {"version": version, "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    entry = {"version": version, "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "published_at": time.time(),
              "checkpoint": info.get("checkpoint", ""), "step": info.get("step")}
     write_json_atomic(f"{root}/{HISTORY}", past + [entry], fs)
     write_text_atomic(f"{root}/{CURRENT}", version + "\n", fs)
@@ -144,14 +182,15 @@ def rollback(out: str, to: str = "") -> tuple[str | None, str]:
 
 def prune(out: str, keep: int) -> list[str]:
     """Delete published versions other than the current one and the `keep` most recently published
-    others; a version never published (unfinished, or finished but not yet flipped) is left to the
-    refresh that resumes it. Returns the deleted versions."""
+    others, and failed versions checked before CURRENT was published that the job created (its
+    marker); an unfinished version, or a finished one not yet flipped, is left to the refresh that
+    resumes it. Returns the deleted versions."""
+    fs, root = resolve(out)
     current = read_current(out)
     others = [h["version"] for h in history(out) if h.get("version") != current]
     kept = {current, *(others[-keep:] if keep > 0 else [])}
-    removed = []
-    for v in dict.fromkeys(others):
-        if v not in kept and v in version_names(out):
-            remove_owned(version_dir(resolve(out)[1], v), out)
-            removed.append(v)
-    return removed
+    doomed = [v for v in dict.fromkeys(others) if v not in kept and v in version_names(out)]
+    doomed += [v for v in failed_before_current(out) if is_owned(version_dir(root, v), fs)]
+    for v in doomed:
+        remove_owned(version_dir(root, v), out)
+    return doomed
