@@ -1,29 +1,42 @@
 """The embedding refresh on PreRec (issue 13): a tiny PreRec checkpoint (in-process PS, a few
-hand-written steps, as tests/test_refresh.py makes its SeqRec ones) refreshed in-process; the
-published (user, domain) and (item, domain) vectors rank the held-out rows as PreRec's own scorer
-does. The popularity term is off: U_i . V_j is then the scorer's logit up to the per-domain constant
-D_k W_d (tests/test_prerec.py::test_exported_vectors_rank_as_the_scorer_without_popularity)."""
+hand-written steps, as tests/test_refresh.py makes its SeqRec ones; seeded text vectors) refreshed
+in-process; the published user and item vectors rank the held-out rows as PreRec's own scorer does.
+The popularity term is off: U_i . V_j is then the scorer's logit up to the per-domain constant D_k W_d
+(tests/test_prerec.py::test_exported_vectors_rank_as_the_scorer_without_popularity)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from test_refresh import make_checkpoint
 
 from tests.enginekit import make_world
 from xdtrain.config import load_config
+from xdtrain.data.validate import read_dataset
 from xdtrain.eval.evaluator import user_batch
 from xdtrain.models import build_model
 from xdtrain.ps import LocalPS
 from xdtrain.refresh.job import run_refresh
 from xdtrain.serving import EmbeddingReader, store
+from xdtrain.text.cache import TextCache, item_keys
 from xdtrain.train import checkpointing as ck
 from xdtrain.train.config import RefreshConfig
 from xdtrain.train.datasets import prepare_data
 
 TINY = ["model.d=16", "model.max_len=20", "model.negatives=16", "model.use_popularity=false",
         "model.balanced=false", "data.streams=[train]", "workers=0", "rows_per_bucket=300"]
+
+
+def seed_text_cache(items_url: str, cache_dir: str, dim: int = 384) -> None:
+    """Seeded unit vectors in the text cache in place of MiniLM's (encoding the 800 titles took 22 s
+    here): PreRec reads them as f_BERT(X_j); the refresh never touches the encoder."""
+    keys = item_keys(read_dataset(items_url, "items", ["item_id", "domain", "text"])[1])
+    vecs = np.random.default_rng(0).standard_normal((keys.num_rows, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    TextCache(cache_dir).write_part(keys.append_column(
+        "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim)))
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +47,7 @@ def prerec(tmp_path_factory):
                       [f"run_dir={root / 'run'}", f"data.world_url={world}", f"model.text_cache={root / 'text'}",
                        f"out={root / 'store'}", f"refresh_dir={root / 'work'}", *TINY])
     data = prepare_data(cfg.data, root / "prep", min_groups=1)
+    seed_text_cache(data.model_data.tables["items"], cfg.model["text_cache"])
     checkpoint = make_checkpoint(cfg, data, root / "ck" / ck.checkpoint_name(3))
     cfg.checkpoint = str(checkpoint)
     return cfg, run_refresh(cfg), data
