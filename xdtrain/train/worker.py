@@ -123,8 +123,8 @@ class Worker:
         self.ps = _make_ps(cfg, config["ps"])
         self.prog = plan.program_for(self.model, t)
         self.optimizers = OptimizerSet(self.model, self.prog.optimizers)
-        datasets = {k: Dataset(*v) for k, v in config["datasets"].items()}
-        self.streams = {name: Stream(name, spec, self._dataset(datasets, name, spec.dataset), self.model,
+        datasets = {k: Dataset(*v) for k, v in config["datasets"].items()}  # engine.check_program: all there
+        self.streams = {name: Stream(name, spec, datasets[spec.dataset], self.model,
                                      world=self.world, rank=self.rank, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
                         for name, spec in self.prog.streams.items()}
         self.forward_takes_step = accepts(self.model.forward, "step")
@@ -139,13 +139,6 @@ class Worker:
         self.pending: Pending | None = None
         self.t_start = time.time()
         self._reset_window()
-
-    @staticmethod
-    def _dataset(datasets: dict[str, Dataset], stream: str, name: str) -> Dataset:
-        if name not in datasets:
-            raise KeyError(f"stream {stream!r} reads dataset {name!r}, but the data recipe prepared "
-                           f"{sorted(datasets)}")
-        return datasets[name]
 
     # ---- restore ---------------------------------------------------------------------------------
     def _restore(self, config: dict) -> None:
