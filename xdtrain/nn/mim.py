@@ -70,19 +70,22 @@ class MIM(nn.Module):
         recomputed with it: the same value and gradient as amax, without storing the big tensor."""
         N, T = q.shape[:2]
         step = max(1, MAX_SCORE_ELEMS // max(1, N * T * T))
-        best, found = [], []
+        b1 = torch.zeros(m1.shape, dtype=q.dtype, device=q.device).masked_fill(~m1, -torch.inf)
+        b2 = torch.zeros(m2.shape, dtype=q.dtype, device=q.device).masked_fill(~m2, -torch.inf)
+        arg, best = [], []
         with torch.no_grad():
             for i in range(0, N, step):
                 sim = torch.einsum("itd,jsd->ijts", q[i:i + step], kk)
-                ok = m1[i:i + step, None, :, None] & m2[None, :, None, :]
-                flat = sim.masked_fill(~ok, -torch.inf).flatten(2)
-                best.append(flat.argmax(-1))
-                found.append(ok.flatten(2).any(-1))
-        best, found = torch.cat(best), torch.cat(found)
+                sim.add_(b1[i:i + step, None, :, None]).add_(b2[None, :, None, :])
+                v, a = sim.flatten(2).max(-1)
+                arg.append(a)
+                best.append(v)
+        arg, found = torch.cat(arg), torch.isfinite(torch.cat(best))
+        ts = kk.shape[1]
+        t_idx, s_idx = arg // ts, arg % ts
         rows = torch.arange(N, device=q.device)[:, None].expand(-1, kk.shape[0])
         cols = torch.arange(kk.shape[0], device=q.device)[None, :].expand(N, -1)
-        ts = kk.shape[1]
-        raw = (q[rows, best // ts] * kk[cols, best % ts]).sum(-1)
+        raw = (q[rows, t_idx] * kk[cols, s_idx]).sum(-1)
         return raw.masked_fill(~found, -torch.inf)
 
     def groups(self, scores: Tensor, m2: Tensor) -> Tensor:
