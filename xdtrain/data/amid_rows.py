@@ -26,19 +26,20 @@ from __future__ import annotations
 import csv
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from xdtrain.data.recipes import RecipeOutput, StreamData, _group_rows
+from xdtrain.data.recipes import InteractionsSource, RecipeConfig, RecipeOutput, StreamData, _group_rows
 from xdtrain.data.schemas import DataError
 from xdtrain.data.sequences import write_dataset
 from xdtrain.data.two_domain import read_two_domain_csv
 from xdtrain.eval.candidates import EvalSet
 
+RELEASED = "amid_released"  # source side-table kind: "<folder>/<pair>" of the released CSVs
 ROW_TABLE = "two_domain_rows"  # reader table kind of the O and D streams (xdtrain.data.schemas.TABLES)
 LIST = pa.list_(pa.int64())
 SCHEMA = pa.schema([("user_id", pa.int64()), ("seq_d1", LIST), ("seq_d2", LIST), ("domain_id", pa.int64()),
@@ -271,3 +272,19 @@ def recipe_output(rows: AmidRows, cfg: AmidDataConfig, out_dir: str | Path, name
              "items": {d: int(len(c)) for d, c in catalogue.items()}}
     item_ids = np.unique(np.concatenate(list(catalogue.values())))
     return RecipeOutput(streams, valid, test, item_ids, stats)
+
+
+class AmidRecipe:
+    """Recipe `amid` behind the `Recipe` protocol (`RecipeConfig.amid` configures it; streams O and D
+    always): the released CSVs when the source names them (side table `amid_released`:
+    "<folder>/<pair>"), else the source's interaction logs."""
+
+    def prepare(self, source: InteractionsSource, cfg: RecipeConfig, out_dir: str | Path) -> RecipeOutput:
+        cfg.check()
+        acfg = replace(cfg.amid, rows_per_group=cfg.rows_per_group, min_groups=cfg.min_groups)
+        if RELEASED in source.tables:
+            folder, _, pair = source.tables[RELEASED].rpartition("/")
+            rows = read_released(folder, pair, acfg)
+        else:
+            rows = rows_from_logs(source.load(), acfg)
+        return recipe_output(rows, acfg, out_dir, source.name)
