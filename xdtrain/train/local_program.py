@@ -9,6 +9,7 @@ Not the engine: no streaming reader, checkpoints, prefetch or phase `ps_lr_scale
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -57,11 +58,13 @@ class _Cursor:
 
 
 def run_epochs(model: torch.nn.Module, ps, prog: Program, tables: dict[str, pa.Table], rng: np.random.Generator,
-               after_epoch: Callable[[str, int], None] | None = None) -> dict:
+               after_epoch: Callable[[str, int], None] | None = None,
+               on_iteration: Callable[[Step, int, float], None] | None = None) -> dict:
     """Train `prog` (phases whose steps count epochs, or one pass per phase epoch): each phase epoch,
     each step passes `step.epochs` (at least 1) times over its main stream's dataset, a cycling
     stream's batch drawn alongside each. `tables`: dataset name -> rows. `after_epoch(phase, epoch)`
-    runs after each phase epoch (evaluation). Returns the last iteration's named losses."""
+    runs after each phase epoch (evaluation); `on_iteration(step, rows, seconds)` after each iteration
+    (throughput). Returns the last iteration's named losses."""
     opts = OptimizerSet(model, prog.optimizers)
     cursors = {name: _Cursor(tables[s.dataset], s.batch_size, rng) for name, s in prog.streams.items()}
     named: dict = {}
@@ -75,10 +78,13 @@ def run_epochs(model: torch.nn.Module, ps, prog: Program, tables: dict[str, pa.T
                     cur = cursors[main]
                     cur.order, cur.pos = rng.permutation(cur.table.num_rows), 0
                     while (rows := cur.next()) is not None:
+                        t0 = time.perf_counter()
                         b = {s: model.make_batch(rows if s == main else cursors[s].next_cycling(), rng, stream=s)
                              for s in st.streams}
                         model.train()
                         named = local_iteration(model, ps, opts, st, b if len(b) > 1 else b[main])
+                        if on_iteration is not None:
+                            on_iteration(st, rows.num_rows, time.perf_counter() - t0)
             if after_epoch is not None:
                 after_epoch(ph.name, epoch)
     return named
