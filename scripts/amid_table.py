@@ -117,7 +117,9 @@ def _vals(res: list[dict], proto: str, group: str, metric: str) -> dict[int, flo
 
 
 def table(results: list[dict], proto: str, k_us: list, backbones: list, methods: list) -> list[str]:
-    lines = ["| K_u | model | seeds | " + " | ".join(HEAD) + " |", "|" + "---|" * (3 + len(HEAD))]
+    epoch = proto == "valid_selected"  # the selected epoch (1-based mean): at the last one, training was short
+    lines = ["| K_u | model | seeds | " + " | ".join(HEAD) + (" | selected epoch" if epoch else "") + " |",
+             "|" + "---|" * (3 + len(HEAD) + epoch)]
     for k in k_us:
         for b in backbones:
             for m in methods:
@@ -129,6 +131,8 @@ def table(results: list[dict], proto: str, k_us: list, backbones: list, methods:
                     v = np.array(list(_vals(res, proto, g, met).values()))
                     cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
                 name = b if m == "backbone" else f"{b}+{m.upper() if m != 'amid' else 'AMID'}"
+                if epoch:
+                    cells.append(f"{np.mean([r['best_valid_epoch'] + 1 for r in res]):.1f}")
                 lines.append(f"| {int(k * 100)}% | {name} | {len(res)} | " + " | ".join(cells) + " |")
     return lines
 
