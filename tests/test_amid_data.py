@@ -128,7 +128,10 @@ def test_test_negatives_are_fixed_per_seed_in_domain_and_exclude_the_users_items
 def test_released_reader_names_file_and_line_and_checks_o_against_d(tmp_path):
     bad = tmp_path / "x_test.csv"
     bad.write_text('user_id,seq_d1,seq_d2,domain_id\n1,"[1, 2]",[],0\n2,"[1, oops]",[],0\n')
-    with pytest.raises(DataError, match=r"x_test.csv, line 3"):
+    with pytest.raises(DataError, match=r"x_test.csv row 3 column seq_d1"):
+        read_released_csv(bad)
+    bad.write_text('user_id,seq_d1,seq_d2,domain_id\n1,"[1, 2]",[],1\n')
+    with pytest.raises(DataError, match=r"x_test.csv row 2 column domain_id: 1 names an empty sequence"):
         read_released_csv(bad)
     for f in FIXTURE.glob(f"{PAIR}_*.csv"):
         (tmp_path / f.name).write_text(f.read_text())
@@ -137,7 +140,7 @@ def test_released_reader_names_file_and_line_and_checks_o_against_d(tmp_path):
     o.write_text("\n".join(lines[:-1]) + "\n")  # drop one observed row
     with pytest.raises(DataError, match="not the ob_label = 1 rows"):
         read_released(tmp_path, PAIR, fixture_config())
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="cloth_shoes_train25.csv: no such file"):
         read_released(tmp_path, "cloth_shoes", fixture_config())
 
 

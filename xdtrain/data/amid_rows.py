@@ -26,18 +26,20 @@ from __future__ import annotations
 import csv
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from xdtrain.data.recipes import RecipeOutput, StreamData, _group_rows
+from xdtrain.data.recipes import InteractionsSource, RecipeConfig, RecipeOutput, StreamData, _group_rows
 from xdtrain.data.schemas import DataError
 from xdtrain.data.sequences import write_dataset
+from xdtrain.data.two_domain import read_two_domain_csv
 from xdtrain.eval.candidates import EvalSet
 
+RELEASED = "amid_released"  # source side-table kind: "<folder>/<pair>" of the released CSVs
 ROW_TABLE = "two_domain_rows"  # reader table kind of the O and D streams (xdtrain.data.schemas.TABLES)
 LIST = pa.list_(pa.int64())
 SCHEMA = pa.schema([("user_id", pa.int64()), ("seq_d1", LIST), ("seq_d2", LIST), ("domain_id", pa.int64()),
@@ -71,7 +73,8 @@ class AmidRows:
 def make_rows(user_id, seq_d1, seq_d2, domain_id, ob_label=None) -> pa.Table:
     """A rows table in `SCHEMA` (overlap computed; ob_label 1 when not given)."""
     n = len(user_id)
-    seq_d1, seq_d2 = pa.array(seq_d1, LIST), pa.array(seq_d2, LIST)
+    seq_d1, seq_d2 = (s.combine_chunks().cast(LIST) if isinstance(s, pa.ChunkedArray) else pa.array(s, LIST)
+                      for s in (seq_d1, seq_d2))
     overlap = pc.and_(pc.greater(pc.list_value_length(seq_d1), 0), pc.greater(pc.list_value_length(seq_d2), 0))
     ob = np.ones(n, np.int64) if ob_label is None else np.asarray(ob_label, np.int64)
     return pa.Table.from_arrays([pa.array(np.asarray(user_id, np.int64)), seq_d1, seq_d2,
@@ -158,7 +161,6 @@ def finish(D: pa.Table, test: pa.Table, cfg: AmidDataConfig) -> AmidRows:
 
 
 # ---------------------------------------------------------------- the released CSV format
-# A minimal reader of the authors' files, to be merged with the shared two-domain row reader.
 
 
 def released_paths(folder: str | Path, pair: str, k: int) -> dict[str, Path]:
@@ -167,37 +169,27 @@ def released_paths(folder: str | Path, pair: str, k: int) -> dict[str, Path]:
 
 
 def read_released_csv(path: Path) -> pa.Table:
-    """One released CSV (user_id, seq_d1, seq_d2, domain_id[, ob_label]; JSON-list sequences)."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file (data.released_dir / data.pair / data.k_u)")
-    cols: dict[str, list] = {"user_id": [], "seq_d1": [], "seq_d2": [], "domain_id": [], "ob_label": []}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        need = ["user_id", "seq_d1", "seq_d2", "domain_id"]
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing} (found {reader.fieldnames})")
-        has_ob = "ob_label" in reader.fieldnames
-        for i, rec in enumerate(reader, start=2):  # line 1 is the header
-            try:
-                seqs = [json.loads(rec[c]) for c in ("seq_d1", "seq_d2")]
-                if not all(isinstance(s, list) and all(isinstance(v, int) for v in s) for s in seqs):
-                    raise ValueError("sequences must be JSON lists of integers")
-                dom = int(rec["domain_id"])
-                if dom not in (0, 1) or not seqs[dom]:
-                    raise ValueError(f"domain_id {dom} must be 0 or 1 and name a non-empty sequence")
-                vals = (int(rec["user_id"]), seqs[0], seqs[1], dom, int(rec["ob_label"]) if has_ob else 1)
-            except (ValueError, TypeError) as e:
-                raise DataError(f"{path}, line {i}: {e}") from None
-            for k, v in zip(cols, vals):
-                cols[k].append(v)
-    return make_rows(*cols.values())
+    """One released CSV in `SCHEMA`, read by the shared two-domain reader
+    (xdtrain/data/two_domain.py: JSON-list sequences, errors naming file, row and column); a row's
+    domain_id must name a non-empty sequence (it holds the target)."""
+    t = read_two_domain_csv(path)
+    dom = t["domain_id"].to_numpy().astype(np.int64)
+    lengths = np.stack([pc.list_value_length(t[c]).to_numpy(zero_copy_only=False) for c in ("seq_d1", "seq_d2")])
+    empty = np.flatnonzero(lengths[dom, np.arange(len(dom))] == 0)
+    if len(empty):
+        raise DataError(f"{path} row {empty[0] + 2} column domain_id: {dom[empty[0]]} names an empty sequence "
+                        "(the target is its last item)")
+    ob = t["ob_label"].to_numpy() if "ob_label" in t.column_names else None
+    return make_rows(t["user_id"], t["seq_d1"], t["seq_d2"], dom, ob)
 
 
 def read_released(folder: str | Path, pair: str, cfg: AmidDataConfig) -> AmidRows:
     """Path (b): the released files of `pair` at K_u = cfg.k_u -> O, D, valid, test."""
     k = int(round(cfg.k_u * 100))
     paths = released_paths(folder, pair, k)
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such file (data.released_dir / data.pair / data.k_u)")
     O, D, test = (read_released_csv(paths[s]) for s in ("O", "D", "test"))  # noqa: E741
     if _row_keys(O) != _row_keys(D.filter(pc.equal(D["ob_label"], 1))):
         raise DataError(f"{paths['O']}: its rows are not the ob_label = 1 rows of {paths['D'].name}")
@@ -280,3 +272,19 @@ def recipe_output(rows: AmidRows, cfg: AmidDataConfig, out_dir: str | Path, name
              "items": {d: int(len(c)) for d, c in catalogue.items()}}
     item_ids = np.unique(np.concatenate(list(catalogue.values())))
     return RecipeOutput(streams, valid, test, item_ids, stats)
+
+
+class AmidRecipe:
+    """Recipe `amid` behind the `Recipe` protocol (`RecipeConfig.amid` configures it; streams O and D
+    always): the released CSVs when the source names them (side table `amid_released`:
+    "<folder>/<pair>"), else the source's interaction logs."""
+
+    def prepare(self, source: InteractionsSource, cfg: RecipeConfig, out_dir: str | Path) -> RecipeOutput:
+        cfg.check()
+        acfg = replace(cfg.amid, rows_per_group=cfg.rows_per_group, min_groups=cfg.min_groups)
+        if RELEASED in source.tables:
+            folder, _, pair = source.tables[RELEASED].rpartition("/")
+            rows = read_released(folder, pair, acfg)
+        else:
+            rows = rows_from_logs(source.load(), acfg)
+        return recipe_output(rows, acfg, out_dir, source.name)

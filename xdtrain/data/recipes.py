@@ -17,6 +17,8 @@ Splits (`RecipeConfig.name`):
                         valid / test interaction is an eval target
   user                  whole users to train / valid / test by a seeded hash of the user id (`ratios`,
                         `seed`); a held-out user's last interaction is its target, the rest its history
+  amid                  two-domain (user, target domain) rows, K_u subsampling, streams O and D
+                        (xdtrain/data/amid_rows.py, `AmidRecipe`; configured by `RecipeConfig.amid`)
 
 Streams (`RecipeConfig.streams`; written to `<out_dir>/<name>`, read with reader table kind `table`):
   train     kind "sequences": one row per user with >= 2 train items: user_id, items, timestamps,
@@ -52,7 +54,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -72,7 +74,7 @@ from xdtrain.data.validate import read_dataset
 from xdtrain.eval.candidates import EvalSet, count_items
 
 TRAIN, VALID, TEST, CONTEXT = 0, 1, 2, 3  # part of a row; CONTEXT: history of a held-out user only
-RECIPES = ("leave_one_out", "leave_one_out_domain", "chronological", "user")
+RECIPES = ("leave_one_out", "leave_one_out_domain", "chronological", "user", "amid")
 STREAMS = {"train": "sequences", "train_by_domain": "sequences", "labelled": "labelled", "items": "items",
            "by_domain": "sequences", "overlap": "sequences"}  # stream -> reader table kind
 DOMAIN_STREAM = "domain.{}"  # the dataset name of domain D's sequences (stream `by_domain`)
@@ -92,11 +94,16 @@ class RecipeConfig:
     flat_rows_per_group: int = 65536  # rows per row group of the flat streams (labelled, items)
     max_train_samples: int = 0  # train stream: first N next-item samples (0 = all)
     min_groups: int = 1  # at least this many row groups per stream when there are rows enough (workers)
+    amid: Any = None  # recipe `amid`: its AmidDataConfig (xdtrain/data/amid_rows.py; streams O and D, fixed)
 
     def check(self) -> None:
         """Raise DataError naming the bad key (as `data.<key>` of the engine config)."""
         if self.name not in RECIPES:
             raise DataError(f"data.recipe: unknown recipe {self.name!r}; expected one of {list(RECIPES)}")
+        if self.name == "amid":
+            if self.amid is None:
+                raise DataError("data.recipe 'amid': no AMID rows config (data.pair / data.train_domains, data.k_u)")
+            return
         unknown = sorted(set(self.streams) - set(STREAMS))
         if unknown or not self.streams:
             raise DataError(f"data.streams: unknown stream(s) {unknown or '(none given)'}; "
@@ -151,6 +158,10 @@ class Recipe(Protocol):
 
 def get_recipe(name: str) -> Recipe:
     """The implementation that prepares recipe `name` (every recipe runs in memory for now)."""
+    if name == "amid":
+        from xdtrain.data.amid_rows import AmidRecipe
+
+        return AmidRecipe()
     RecipeConfig(name=name).check()
     return LocalRecipe()
 

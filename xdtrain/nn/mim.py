@@ -57,18 +57,36 @@ class MIM(nn.Module):
             sim = torch.einsum("ytd,ysd->yts", q, kk).masked_fill(~(m1[:, :, None] & m2[:, None, :]), -torch.inf)
             raw = sim.amax(dim=(1, 2)).unsqueeze(0).expand(q.shape[0], -1)
         else:
-            N, T = q.shape[:2]
-            step = max(1, MAX_SCORE_ELEMS // max(1, N * T * T))
-            rows = []
-            for i in range(0, N, step):
-                sim = torch.einsum("itd,jsd->ijts", q[i:i + step], kk)
-                ok = m1[i:i + step, None, :, None] & m2[None, :, None, :]
-                rows.append(sim.masked_fill(~ok, -torch.inf).amax(dim=(2, 3)))
-            raw = torch.cat(rows)
+            raw = self._pairwise_max(q, m1, kk, m2)
         if self.score == "softmax":  # over senders j, as the released code (then at most 1/k pass)
             finite = torch.isfinite(raw)
             raw = torch.softmax(raw.masked_fill(~finite, -1e30), dim=1).masked_fill(~finite, -torch.inf)
         return raw
+
+    @staticmethod
+    def _pairwise_max(q: Tensor, m1: Tensor, kk: Tensor, m2: Tensor) -> Tensor:
+        """[N, N] max over real (t, s) of q_i[t] · k_j[s]. The [n, N, T, T] similarities are found
+        without autograd (chunked over receivers) and only each pair's maximising (t, s) product is
+        recomputed with it: the same value and gradient as amax, without storing the big tensor."""
+        N, T = q.shape[:2]
+        step = max(1, MAX_SCORE_ELEMS // max(1, N * T * T))
+        b1 = torch.zeros(m1.shape, dtype=q.dtype, device=q.device).masked_fill(~m1, -torch.inf)
+        b2 = torch.zeros(m2.shape, dtype=q.dtype, device=q.device).masked_fill(~m2, -torch.inf)
+        arg, best = [], []
+        with torch.no_grad():
+            for i in range(0, N, step):
+                sim = torch.einsum("itd,jsd->ijts", q[i:i + step], kk)
+                sim.add_(b1[i:i + step, None, :, None]).add_(b2[None, :, None, :])
+                v, a = sim.flatten(2).max(-1)
+                arg.append(a)
+                best.append(v)
+        arg, found = torch.cat(arg), torch.isfinite(torch.cat(best))
+        ts = kk.shape[1]
+        t_idx, s_idx = arg // ts, arg % ts
+        rows = torch.arange(N, device=q.device)[:, None].expand(-1, kk.shape[0])
+        cols = torch.arange(kk.shape[0], device=q.device)[None, :].expand(N, -1)
+        raw = (q[rows, t_idx] * kk[cols, s_idx]).sum(-1)
+        return raw.masked_fill(~found, -torch.inf)
 
     def groups(self, scores: Tensor, m2: Tensor) -> Tensor:
         """[N, N] a_ij: eq. 4's hard threshold in the forward pass; in training the straight-through

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -203,22 +203,24 @@ def amid_config(cfg: DataConfig, min_groups: int = 1):
 
 
 def _prepare_amid(cfg: DataConfig, run_dir: Path, min_groups: int, t0: float) -> PreparedData:
-    """Recipe `amid`: two-domain rows from the released CSVs or from canonical logs (streams O, D)."""
-    from xdtrain.data import amid_rows
+    """Recipe `amid` (xdtrain/data/amid_rows.py): two-domain rows from the released CSVs or from
+    canonical logs, streams O and D; the model's domains are the pair's."""
+    from xdtrain.data.amid_rows import RELEASED
 
-    acfg = amid_config(cfg, min_groups)
+    rcfg = replace(recipe_config(cfg, min_groups), amid=amid_config(cfg, min_groups))
     if cfg.source == "released":
         if not cfg.released_dir or not cfg.pair:
             raise DataError("data.released_dir and data.pair: both required when data.source is 'released'")
-        rows, name, tables = amid_rows.read_released(cfg.released_dir, cfg.pair, acfg), cfg.released_dir, {}
+        source = InteractionsSource(cfg.released_dir, tables={RELEASED: f"{cfg.released_dir}/{cfg.pair}"})
     else:
         inter, name, tables, _ = load_interactions(cfg, run_dir)
-        rows = amid_rows.rows_from_logs(inter, acfg)
-    out = amid_rows.recipe_output(rows, acfg, run_dir / "data", name)
-    domains = list(acfg.domains)
+        source = InteractionsSource(name, inter, tables=tables)
+    out = get_recipe(rcfg.name).prepare(source, rcfg, run_dir / "data")
+    domains = list(rcfg.amid.domains)
+    tables = {k: v for k, v in source.tables.items() if k != RELEASED}
     model_data = ModelData(item_ids=out.item_ids, domains=domains, item_domains=dict(out.valid.catalogue),
                            tables=tables, extras={"train_domains": domains, "cache_dir": str(run_dir / "cache")})
-    stats = {**out.stats, "prepare_seconds": round(time.time() - t0, 1), "source": name}
+    stats = {**out.stats, "prepare_seconds": round(time.time() - t0, 1), "source": source.name}
     return PreparedData("", model_data, out.valid, out.test, stats, {k: v.url for k, v in out.streams.items()},
                         {k: v.table for k, v in out.streams.items()})
 

@@ -1,17 +1,22 @@
-"""A training program's iteration in one process (world 1, an in-process PS): what a worker of the
-engine does per iteration, without Ray, for unit tests and CPU-sized experiments (scripts/).
+"""A training program in one process (world 1, an in-process PS): what a worker of the engine does
+per iteration, without Ray, for unit tests and CPU-sized experiments (scripts/, tests).
 
     named = local_iteration(model, ps, opts, step, batch)   # forward, backward, step, push
+    run_epochs(model, ps, prog, tables, rng, after_epoch)   # the phases of an epoch-counted program
 
-Not the engine: no streams, checkpoints, prefetch or phase `ps_lr_scale`; the caller draws the
-batches (the step's streams) and walks the plan.
+Not the engine: no streaming reader, checkpoints, prefetch or phase `ps_lr_scale`.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
 import torch
 
-from xdtrain.nn.program import Step
+from xdtrain.nn.program import Program, Step
 from xdtrain.nn.sparse import pull_rows, push_grads
 from xdtrain.train.optimizers import OptimizerSet
 from xdtrain.train.worker import pick_loss
@@ -28,3 +33,58 @@ def local_iteration(model: torch.nn.Module, ps, opts: OptimizerSet, step: Step, 
     push_grads(ps, {k: v for k, v in emb.items() if opt.spec.tables is None or k in opt.spec.tables})
     opt.step(world=1)
     return {k: float(v) for k, v in named.items()} or {"loss": float(loss)}
+
+
+class _Cursor:
+    """Shuffled batches of one stream's rows; `cycle` reshuffles and restarts when exhausted."""
+
+    def __init__(self, table: pa.Table, batch_size: int, rng: np.random.Generator) -> None:
+        self.table, self.size, self.rng = table, batch_size, rng
+        self.order, self.pos = rng.permutation(table.num_rows), 0
+
+    def next(self) -> pa.Table | None:
+        if self.pos >= len(self.order):
+            return None
+        idx = self.order[self.pos:self.pos + self.size]
+        self.pos += self.size
+        return self.table.take(idx)
+
+    def next_cycling(self) -> pa.Table:
+        out = self.next()
+        if out is None:
+            self.order, self.pos = self.rng.permutation(self.table.num_rows), 0
+            out = self.next()
+        return out
+
+
+def run_epochs(model: torch.nn.Module, ps, prog: Program, tables: dict[str, pa.Table], rng: np.random.Generator,
+               after_epoch: Callable[[str, int], None] | None = None,
+               on_iteration: Callable[[Step, int, float], None] | None = None) -> dict:
+    """Train `prog` (phases whose steps count epochs, or one pass per phase epoch): each phase epoch,
+    each step passes `step.epochs` (at least 1) times over its main stream's dataset, a cycling
+    stream's batch drawn alongside each. `tables`: dataset name -> rows. `after_epoch(phase, epoch)`
+    runs after each phase epoch (evaluation); `on_iteration(step, rows, seconds)` after each iteration
+    (throughput). Returns the last iteration's named losses."""
+    opts = OptimizerSet(model, prog.optimizers)
+    cursors = {name: _Cursor(tables[s.dataset], s.batch_size, rng) for name, s in prog.streams.items()}
+    named: dict = {}
+    for ph in prog.phases:
+        if ph.iterations:
+            raise ValueError(f"run_epochs: phase {ph.name!r} counts iterations; only epoch-counted phases run here")
+        for epoch in range(ph.epochs):
+            for st in ph.steps:
+                main = prog.main_stream(st)
+                for _ in range(max(1, st.epochs)):
+                    cur = cursors[main]
+                    cur.order, cur.pos = rng.permutation(cur.table.num_rows), 0
+                    while (rows := cur.next()) is not None:
+                        t0 = time.perf_counter()
+                        b = {s: model.make_batch(rows if s == main else cursors[s].next_cycling(), rng, stream=s)
+                             for s in st.streams}
+                        model.train()
+                        named = local_iteration(model, ps, opts, st, b if len(b) > 1 else b[main])
+                        if on_iteration is not None:
+                            on_iteration(st, rows.num_rows, time.perf_counter() - t0)
+            if after_epoch is not None:
+                after_epoch(ph.name, epoch)
+    return named

@@ -1,0 +1,111 @@
+"""Spec §10.2-F: AMID end to end on the semi-synthetic open world (xdtrain/data/synthetic/open_world.py).
+
+The world's defining behaviour is fast (default suite); the learning test is slow: backbone, +MIM
+and +AMID (GRU4Rec, in one process: xdtrain/models/amid_local.py) over 3 seeds, test NDCG@10 at
+the best validation epoch. Its measured outcome is recorded in docs/amid.md: the spec's
+directions did not reproduce (the tests are expected failures, not strict).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from xdtrain.data.amid_rows import AmidDataConfig, domain_catalogues, eval_set, rows_from_logs
+from xdtrain.data.synthetic.open_world import OpenWorld, cluster_of, open_world
+from xdtrain.models.amid import AmidConfig
+from xdtrain.models.amid_local import METHODS, fit_and_track, pick
+
+SEEDS = (0, 1, 2)
+
+
+def dominant_clusters(cfg: OpenWorld) -> tuple[np.ndarray, np.ndarray]:
+    """Each both-domain user's most frequent cluster in domain 1 and in domain 2."""
+    inter = open_world(cfg)
+    out = {}
+    for k, d in enumerate(cfg.domains):
+        t = inter.filter(pc.equal(inter["domain"], d))
+        users, items = t["user_id"].to_numpy(), t["item_id"].to_numpy()
+        out[k] = {u: np.bincount(cluster_of(cfg, items[users == u]), minlength=cfg.clusters).argmax()
+                  for u in np.unique(users)}
+    both = sorted(set(out[0]) & set(out[1]))
+    return np.array([out[0][u] for u in both]), np.array([out[1][u] for u in both])
+
+
+def test_the_world_shares_interests_across_domains_only_when_aligned():
+    cfg = OpenWorld(users=400, overlap=0.5, seed=3)
+    a1, a2 = dominant_clusters(cfg)
+    c1, c2 = dominant_clusters(OpenWorld(users=400, overlap=0.5, seed=3, aligned=False))
+    assert len(a1) > 150
+    assert (a1 == a2).mean() > 0.4  # one interest mixture behind both domains
+    assert abs((c1 == c2).mean() - 1 / cfg.clusters) < 0.08  # the control: chance agreement
+    inter = open_world(cfg)
+    lengths = pc.value_counts(inter["user_id"]).field("counts").to_numpy()
+    assert lengths.min() >= cfg.len_single[0] and lengths.max() <= 2 * cfg.len_overlap[1]
+
+
+def test_the_world_gives_amid_rows_with_few_overlapping_users():
+    rows = rows_from_logs(open_world(OpenWorld(users=500, seed=1)), AmidDataConfig(("d1", "d2"), k_u=0.25))
+    share = pc.mean(pc.cast(rows.D["overlap"], "int64")).as_py()
+    assert 0.15 < share < 0.45  # overlapping users (15%) have two rows each
+    assert rows.test.num_rows > 60 and 0 < pc.sum(rows.test["overlap"]).as_py() < rows.test.num_rows
+
+
+# ---------------------------------------------------------------- the learning test (slow)
+
+WORLD = dict(users=1500, overlap=0.15)
+MODEL = dict(backbone="gru4rec", d=16, max_len=10, layers=1, heads=2, dropout=0.1, lr=3e-3, lr2=3e-5, item_lr=3e-3)
+EPOCHS = 5
+
+
+@functools.cache
+def non_overlapping_ndcg(method: str, aligned: bool, k_u: float, seed: int) -> float:
+    """Test NDCG@10 of non-overlapping users at the best validation epoch (50 fixed negatives)."""
+    torch.set_num_threads(1)
+    w = OpenWorld(aligned=aligned, seed=seed, **WORLD)
+    rows = rows_from_logs(open_world(w), AmidDataConfig(w.domains, k_u=k_u, seed=seed))
+    cat = domain_catalogues([rows.D, rows.valid, rows.test], w.domains)
+    valid, test = (eval_set(getattr(rows, s), w.domains, cat, s) for s in ("valid", "test"))
+    hist = fit_and_track(AmidConfig(**MODEL, **METHODS[method]), rows, valid, test, list(w.domains), cat,
+                         "uniform:50", seed, EPOCHS, batch_size=128)
+    return pick(hist, "valid")["overlap=false"]["ndcg@10"]
+
+
+def mean_gain(a: str, b: str, aligned: bool, k_u: float) -> float:
+    return float(np.mean([non_overlapping_ndcg(a, aligned, k_u, s) - non_overlapping_ndcg(b, aligned, k_u, s)
+                          for s in SEEDS]))
+
+
+# Measured (docs/amid.md, 3 seeds): none of F1-F3 holds in this world; every gap is within about
+# ±0.008 NDCG@10, the noise of 3 seeds. Kept as the spec's expectations, not as passing claims.
+NOT_REPRODUCED = pytest.mark.xfail(strict=False, reason="not reproduced here (docs/amid.md, spec test F)")
+
+
+@pytest.mark.slow
+@NOT_REPRODUCED
+def test_f1_mim_helps_non_overlapping_users_only_when_the_domains_share_interests():
+    aligned, control = mean_gain("mim", "backbone", True, 0.25), mean_gain("mim", "backbone", False, 0.25)
+    print(f"F1 MIM - backbone, non-overlapping NDCG@10 (K_u 25%, {len(SEEDS)} seeds): aligned {aligned:+.4f}, "
+          f"control {control:+.4f}")
+    assert aligned > 0 and control < aligned and control <= 0.005
+
+
+@pytest.mark.slow
+@NOT_REPRODUCED
+def test_f2_amid_gains_more_over_mim_at_k_u_25_than_at_75():
+    g25, g75 = mean_gain("amid", "mim", True, 0.25), mean_gain("amid", "mim", True, 0.75)
+    print(f"F2 AMID - MIM, non-overlapping NDCG@10 ({len(SEEDS)} seeds): K_u 25% {g25:+.4f}, K_u 75% {g75:+.4f}")
+    assert g25 > g75
+
+
+@pytest.mark.slow
+@NOT_REPRODUCED
+def test_f3_every_model_improves_as_k_u_rises():
+    lifts = {m: float(np.mean([non_overlapping_ndcg(m, True, 0.75, s) - non_overlapping_ndcg(m, True, 0.25, s)
+                               for s in SEEDS])) for m in ("backbone", "mim", "amid")}
+    print("F3 K_u 75% - 25%, non-overlapping NDCG@10:", {m: round(v, 4) for m, v in lifts.items()})
+    assert all(v > 0 for v in lifts.values())

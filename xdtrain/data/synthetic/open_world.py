@@ -1,0 +1,84 @@
+"""A semi-synthetic open-world two-domain world (AMID spec §10.2-F): canonical interaction logs.
+
+K latent interest clusters (the general confounder GC) shared by both domains: each domain's items
+are split evenly over the clusters. A user has an interest mixture π_u ~ Dirichlet(alpha); with
+`aligned` both domains draw from the same π_u, else (the control) the second domain draws from an
+independent π'_u. A sequence is a sticky Markov chain over clusters (stay with `stay`, else jump to
+a cluster drawn from the mixture), an item uniform within the cluster, and with probability
+`noise` a uniformly random item of the domain instead (domain-specific behaviour, SC^Z).
+A share `overlap` of the users has long sequences in both domains; the others have a short
+sequence in one domain (chosen uniformly).
+
+    inter = open_world(OpenWorld(aligned=True, seed=0))   # user_id, item_id, domain, timestamp
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass
+class OpenWorld:
+    domains: tuple[str, str] = ("d1", "d2")
+    users: int = 2000
+    overlap: float = 0.15  # share of users with history in both domains
+    clusters: int = 8
+    items_per_cluster: int = 15  # per domain
+    alpha: float = 0.2  # Dirichlet concentration of π_u (small: one or two dominant interests)
+    stay: float = 0.6  # probability the chain keeps its cluster
+    noise: float = 0.2  # probability of a uniformly random item of the domain
+    len_overlap: tuple[int, int] = (10, 20)  # sequence length ranges (inclusive)
+    len_single: tuple[int, int] = (5, 8)
+    aligned: bool = True  # False: the domains' mixtures are independent (the control world)
+    seed: int = 0
+
+
+def item_ids(cfg: OpenWorld, domain: int) -> np.ndarray:
+    """Domain `domain`'s item ids (domain 1 from 1, domain 2 from 100001), cluster-major: item k of
+    cluster c is id base + c * items_per_cluster + k."""
+    return np.arange(cfg.clusters * cfg.items_per_cluster, dtype=np.int64) + (1 if domain == 0 else 100_001)
+
+
+def cluster_of(cfg: OpenWorld, item: np.ndarray) -> np.ndarray:
+    item = np.asarray(item, dtype=np.int64)
+    return (np.where(item > 100_000, item - 100_001, item - 1)) // cfg.items_per_cluster
+
+
+def _sequence(rng: np.random.Generator, cfg: OpenWorld, pi: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=np.int64)
+    c = int(rng.choice(cfg.clusters, p=pi))
+    for t in range(n):
+        if t and rng.random() >= cfg.stay:
+            c = int(rng.choice(cfg.clusters, p=pi))
+        if rng.random() < cfg.noise:
+            out[t] = ids[rng.integers(len(ids))]
+        else:
+            out[t] = ids[c * cfg.items_per_cluster + rng.integers(cfg.items_per_cluster)]
+    return out
+
+
+def open_world(cfg: OpenWorld) -> pa.Table:
+    """Canonical interactions (user_id from 1, item_id, domain, timestamp = position, domain 1 first)."""
+    rng = np.random.default_rng(cfg.seed)
+    ids = [item_ids(cfg, 0), item_ids(cfg, 1)]
+    cols: dict[str, list] = {"user_id": [], "item_id": [], "domain": [], "timestamp": []}
+    for u in range(1, cfg.users + 1):
+        pi = rng.dirichlet(np.full(cfg.clusters, cfg.alpha))
+        pis = [pi, pi if cfg.aligned else rng.dirichlet(np.full(cfg.clusters, cfg.alpha))]
+        both = rng.random() < cfg.overlap
+        doms = [0, 1] if both else [int(rng.integers(2))]
+        lo, hi = cfg.len_overlap if both else cfg.len_single
+        t = 0
+        for z in doms:
+            seq = _sequence(rng, cfg, pis[z], ids[z], int(rng.integers(lo, hi + 1)))
+            cols["user_id"] += [u] * len(seq)
+            cols["item_id"] += seq.tolist()
+            cols["domain"] += [cfg.domains[z]] * len(seq)
+            cols["timestamp"] += list(range(t, t + len(seq)))
+            t += len(seq)
+    return pa.table({"user_id": pa.array(cols["user_id"], pa.int64()), "item_id": pa.array(cols["item_id"], pa.int64()),
+                     "domain": pa.array(cols["domain"], pa.string()),
+                     "timestamp": pa.array(cols["timestamp"], pa.int64())})

@@ -1,0 +1,76 @@
+"""AMID and its baselines trained in one process (xdtrain/train/local_program.py: world 1, in-process
+PS), evaluated on valid and test after every phase epoch: the CPU-sized experiments (spec test F,
+scripts/amid_table.py). The engine runs the same program (jobs.pretrain); this adds per-epoch test
+metrics, which the released code's protocol (best epoch on test) needs.
+
+    hist = fit_and_track(AmidConfig(...), rows, valid, test, candidates="uniform:100", seed=0, epochs=10)
+    pick(hist, "valid")   # test metrics at the best validation NDCG@10 (honest)
+    pick(hist, "test")    # each test metric's best epoch (the released code's protocol)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from xdtrain.data.amid_rows import AmidRows
+from xdtrain.eval.candidates import EvalSet
+from xdtrain.models.amid import Amid, AmidConfig
+from xdtrain.nn.program import resolve_program
+from xdtrain.ps import LocalPS
+from xdtrain.train.config import EvalSection
+from xdtrain.train.evaluation import RankingEval
+from xdtrain.train.local_program import run_epochs
+
+METHODS = {  # the headline comparison (spec §10.1-7): model flags of each baseline
+    "backbone": {"mim": False, "estimator": "none"},
+    "mim": {"mim": True, "estimator": "none"},
+    "ips": {"mim": False, "estimator": "ips"},
+    "amid": {"mim": True, "estimator": "dr"},
+}
+
+
+def evaluator(data: EvalSet, candidates: str, seed: int) -> RankingEval:
+    """Ranking on `data` with fixed negatives per `seed` (shared by every method), pessimistic ties,
+    broken down by overlap."""
+    return RankingEval(data, EvalSection(candidates=[candidates], ks=[10], seed=seed, tie_policy="pessimistic",
+                                         groups=["overlap"], baselines=[]))
+
+
+def metrics(model: Amid, ps: LocalPS, ev: RankingEval) -> dict[str, dict[str, float]]:
+    """{group: {hr@10, ndcg@10, count}} for groups all, overlap=true, overlap=false, and each
+    target domain's rows (group = the domain's name)."""
+    res = next(iter(ev.results(model.scorer(ev.data.rows, ps.pull)).values())).summary()
+    groups = {**res["overall"], **{d: g["all"] for d, g in res["domains"].items()}}
+    return {g: {k: float(v) for k, v in m.items()} for g, m in groups.items()}
+
+
+def fit_and_track(cfg: AmidConfig, rows: AmidRows, valid: EvalSet, test: EvalSet, domains: list[str],
+                  item_domains: dict, candidates: str, seed: int, epochs: int, batch_size: int = 256,
+                  evals: tuple[RankingEval, RankingEval] | None = None) -> list[dict]:
+    """Train one AMID variant for `epochs` phase epochs; [{"epoch", "valid", "test"}] per epoch."""
+    torch.manual_seed(seed)
+    model = Amid(cfg, domains, item_domains, seed)
+    ps = LocalPS(1)
+    for spec in model.sparse_tables():
+        ps.create_table(spec)
+    prog = resolve_program(model, batch_size=batch_size, epochs=epochs, patience=0, lr=cfg.lr,
+                           betas=(0.9, 0.98), weight_decay=0.0)
+    ev_valid, ev_test = evals or (evaluator(valid, candidates, seed), evaluator(test, candidates, seed))
+    hist: list[dict] = []
+
+    def after(_phase: str, epoch: int) -> None:
+        hist.append({"epoch": epoch, "valid": metrics(model, ps, ev_valid), "test": metrics(model, ps, ev_test)})
+
+    run_epochs(model, ps, prog, {"O": rows.O, "D": rows.D}, np.random.default_rng(seed), after)
+    return hist
+
+
+def pick(hist: list[dict], by: str, monitor: str = "ndcg@10") -> dict[str, dict[str, float]]:
+    """Test metrics per group: `by="valid"` at the epoch of the best validation `monitor` (first on
+    ties); `by="test"` each (group, metric) at its own best test epoch (released train_sr_dr.py)."""
+    if by == "valid":
+        best = max(range(len(hist)), key=lambda i: (hist[i]["valid"]["all"][monitor], -i))
+        return hist[best]["test"]
+    groups = hist[0]["test"]
+    return {g: {m: max(h["test"][g][m] for h in hist) for m in groups[g]} for g in groups}
