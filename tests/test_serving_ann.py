@@ -92,7 +92,7 @@ def test_ivf_serves_the_pinned_version(world, tmp_path):
     try:
         assert EmbeddingReader(world["out"]).version == "v2" and reader.version == "v1"
         ids, _ = reader.top_k(np.arange(50), K, "small")  # the index is built now, after v2's publish
-        assert reader.index_kind("item", "small") == "ivf"
+        assert reader.index_kind("item", "small") == "ivf" and reader.ivf_index("item", "small").rows == SMALL
         assert np.isin(ids, world["item_ids"][BIG:]).all()
         want = exact_top(world["users"][:50], world["items"][BIG:], world["item_ids"][BIG:], K)
         assert recall(ids, want) >= 0.95

@@ -16,7 +16,8 @@ three ways (`index_kind`):
              IVF index (xdtrain/serving/ann.py: `nprobe` of ~4 sqrt(n) lists scanned per query), which
              replaces the matrix (the build holds both for a moment: twice the matrix at peak);
   "streamed" it does not fit: read from its files block by block on each call, exact.
-`top_k(..., exact=True)` forces the exact answer (an IVF index then probes every list); `nprobe` is
+`top_k(..., exact=True)` forces the exact answer (an IVF index then probes every list; `ivf_index` returns
+it); `nprobe` is
 read at each query, so it can be tuned on a built index.
 """
 
@@ -89,7 +90,7 @@ class EmbeddingReader:
     """Answers from one finished version of the store at `out` (`version`, default CURRENT)."""
 
     def __init__(self, out: str, version: str = "", cache_buckets: int = 8, index_bytes: int = 1 << 30,
-                 index_min_rows: int = 100_000, nprobe: int = 32, index_seed: int = 0, threads: int = 0) -> None:
+                 index_min_rows: int = 100_000, nprobe: int = 128, index_seed: int = 0, threads: int = 0) -> None:
         self.fs, self.out = resolve(out)
         if not version:
             version = read_current(self.out) or ""
@@ -188,6 +189,11 @@ class EmbeddingReader:
         Loads (and for "ivf" builds) the held catalogue on first call, as `top_k` would."""
         held = self._catalogue(table, domain)
         return "streamed" if held is None else "ivf" if isinstance(held, IVFIndex) else "exact"
+
+    def ivf_index(self, table: str = "item", domain: str | None = None) -> IVFIndex | None:
+        """The IVF index serving (table, domain) (its `nlist`, `rows`, `nbytes`), None when not "ivf"."""
+        held = self._catalogue(table, domain)
+        return held if isinstance(held, IVFIndex) else None
 
     def _blocks(self, held: tuple[np.ndarray, np.ndarray] | None, table: str,
                 domain: str | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
