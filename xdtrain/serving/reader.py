@@ -16,9 +16,8 @@ three ways (`index_kind`):
              IVF index (xdtrain/serving/ann.py: `nprobe` of ~4 sqrt(n) lists scanned per query), which
              replaces the matrix (the build holds both for a moment: twice the matrix at peak);
   "streamed" it does not fit: read from its files block by block on each call, exact.
-`top_k(..., exact=True)` forces the exact answer (an IVF index then probes every list; `ivf_index` returns
-it); `nprobe` is
-read at each query, so it can be tuned on a built index.
+`top_k(..., exact=True)` forces the exact answer (an IVF index then probes every list; `ivf_index`
+returns it); `nprobe` is read at each query, so it can be tuned on a built index.
 """
 
 from __future__ import annotations
