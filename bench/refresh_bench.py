@@ -12,6 +12,15 @@ Both write the same bucketed Parquet (`infer.write_buckets`, in the driver), so 
 end to end: read, embed, bucket, write. Peak memory: the phase's driver process (ru_maxrss) and, for ray,
 the largest Ray worker process and the sum over the driver and every Ray worker process, sampled
 every 0.5 s. Item and user vectors are compared between the phases (max abs difference).
+
+    python -m bench.refresh_bench --serve [--items 1000000] [--queries 2000] [--nprobe 16,32,64,128,256]
+
+serves `EmbeddingReader.top_k` (k = 10) from a published version of `--items` clustered item
+vectors (d = 32, 1000 topics) and `--queries` users drawn the same way: the exact blocked scan
+against the faiss IVF index (xdtrain/serving/ann.py, one build timed) at each `--nprobe`, with the
+IVF's recall@10 against the exact answer and its queries/s ratio to the exact scan (by wall clock and
+by CPU time, the steadier of the two on a shared machine; the exact scan is timed twice, once for the
+reference answer and once in the table).
 """
 
 from __future__ import annotations
@@ -164,6 +173,55 @@ def compare(root: Path, sample: int = 20_000) -> dict:
     return out
 
 
+def serve(root: Path, items: int, queries: int, nprobes: list[int], k: int = 10, dim: int = 32) -> None:
+    """Exact vs IVF top-k from one published version (see the module doc)."""
+    import shutil
+
+    from xdtrain.refresh.infer import write_version
+    from xdtrain.serving import EmbeddingReader
+
+    rng = np.random.default_rng(0)
+    topics = rng.standard_normal((1000, dim)).astype(np.float32)
+
+    def draw(n: int) -> np.ndarray:
+        return topics[rng.integers(0, len(topics), n)] + rng.standard_normal((n, dim)).astype(np.float32)
+
+    def vector_table(vecs: np.ndarray) -> pa.Table:
+        return pa.table({"id": np.arange(len(vecs), dtype=np.int64),
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)})
+
+    out = root / "serve"
+    shutil.rmtree(out, ignore_errors=True)
+    with timer() as t:
+        write_version(str(out), "v1", {"item": vector_table(draw(items)), "user": vector_table(draw(queries))},
+                      buckets=8)
+    print(f"wrote {items:,} items and {queries:,} users (d = {dim}) in {t['seconds']:.1f} s; "
+          f"load average {os.getloadavg()}")
+    users = np.arange(queries)
+    exact = EmbeddingReader(str(out), index_min_rows=items + 1)
+    ivf = EmbeddingReader(str(out), index_min_rows=1)
+    with timer() as t:
+        assert exact.index_kind() == "exact"
+    print(f"exact: matrix loaded in {t['seconds']:.1f} s")
+    with timer() as t:
+        index = ivf.ivf_index()
+    assert index is not None
+    print(f"ivf: nlist {index.nlist}, {index.threads} faiss threads, built in {t['seconds']:.1f} s "
+          f"({t['cpu_seconds']:.1f} CPU s)")
+    with timer() as t:
+        want, _ = exact.top_k(users, k)
+    base = t
+    print(f"{'path':<9} {'queries/s':>9} {'ratio':>6} {'queries/CPU s':>13} {'ratio':>6} {'recall@10':>9}")
+    for name, reader, nprobe in [("exact", exact, 0)] + [(f"ivf/{n}", ivf, n) for n in nprobes]:
+        reader.nprobe = nprobe
+        with timer() as t:
+            got, _ = reader.top_k(users, k)
+        recall = np.mean([len(set(g) & set(w)) / k for g, w in zip(got.tolist(), want.tolist())])
+        print(f"{name:<9} {queries / t['seconds']:>9,.0f} {base['seconds'] / t['seconds']:>6.1f} "
+              f"{queries / t['cpu_seconds']:>13,.0f} {base['cpu_seconds'] / t['cpu_seconds']:>6.1f} {recall:>9.3f}")
+    print(f"peak RSS {peak_rss_mb():,.0f} MiB; load average {os.getloadavg()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=10_000_000)
@@ -174,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="runs/bench_refresh")
     ap.add_argument("--reuse", action="store_true", help="keep the data and checkpoint a previous run generated")
     ap.add_argument("--phase", choices=["gen", "local", "ray"], help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help="top-k serving: exact scan against the IVF index")
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--nprobe", default="16,32,64,128,256", help="IVF lists probed per query, comma-separated")
     args = ap.parse_args(argv)
+    if args.serve:
+        items = args.items if "--items" in " ".join(argv or sys.argv) else 1_000_000
+        serve(Path(args.dir), items, args.queries, [int(x) for x in args.nprobe.split(",")])
+        return 0
     root = Path(args.dir) / f"i{args.items}-u{args.users}"
     if args.phase == "gen":
         with timer() as t:

@@ -24,10 +24,11 @@ import torch
 from xdtrain.config import ConfigError
 from xdtrain.models import ModelData, build_model
 from xdtrain.nn.sparse import ExportsParts
-from xdtrain.outputs import AtomicFile, resolve
+from xdtrain.outputs import AtomicFile, resolve, write_json_atomic
 from xdtrain.ps import LocalPS, OptimizerSpec, TableSpec
 from xdtrain.ps.checkpoint import read_manifest
 from xdtrain.ps.export import write_export_manifest
+from xdtrain.serving import store
 from xdtrain.serving.store import bucket_of, part_name
 from xdtrain.train import checkpointing as ck
 
@@ -199,3 +200,20 @@ def parquet_batches(url: str, batch_size: int) -> Iterator[pa.Table]:
         with fs.open(p, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
                 yield pa.Table.from_batches([batch])
+
+
+def write_version(out: str, version: str, tables: dict[str, pa.Table], buckets: int = 4,
+                  keys: dict[str, list[str]] | None = None, publish: bool = True) -> dict:
+    """A finished version of given vector tables (id, vector[, domain]) under the store `out`, without
+    a model or checks (fixtures and benchmarks of the reader); published when `publish`. `keys`: a
+    table's key columns (default ["id"])."""
+    fs, _ = resolve(out)
+    metas = {n: write_buckets(iter(table_slices(t, ROW_GROUP_ROWS)), store.table_dir(out, version, n), n, buckets)
+             for n, t in tables.items()}
+    info = {"version": version, "checkpoint": "", "step": None, "checks": [],
+            "tables": {n: {"rows": m["rows"], "dim": m["dim"], "buckets": m["buckets"],
+                           "keys": (keys or {}).get(n, ["id"])} for n, m in metas.items()}}
+    write_json_atomic(f"{store.version_dir(out, version)}/{store.VERSION_FILE}", info, fs)
+    if publish:
+        store.publish(out, version, info)
+    return info

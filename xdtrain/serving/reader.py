@@ -8,9 +8,16 @@ Every answer comes from the version read at open, also after a newer one is publ
 is rolled back: vectors of different versions live in different spaces and are never mixed.
 
 Memory stays bounded by the request, not the store: `vectors` reads only the bucket files the ids
-hash to (at most `cache_buckets` kept); `top_k` scores the catalogue of one domain in blocks with an
-exact running top-k. A domain's item matrix that fits in `index_bytes` is loaded once and kept (the
-in-memory index, exact inner product); a larger one is streamed from its files on each call.
+hash to (at most `cache_buckets` kept). `top_k` serves the catalogue of one (table, domain) in one of
+three ways (`index_kind`):
+  "exact"    its matrix fits in `index_bytes` and it has fewer than `index_min_rows` rows: loaded
+             once and kept, scored in blocks with an exact running top-k;
+  "ivf"      it fits and has at least `index_min_rows` rows: loaded once into a faiss inner-product
+             IVF index (xdtrain/serving/ann.py: `nprobe` of ~4 sqrt(n) lists scanned per query), which
+             replaces the matrix (the build holds both for a moment: twice the matrix at peak);
+  "streamed" it does not fit: read from its files block by block on each call, exact.
+`top_k(..., exact=True)` forces the exact answer (an IVF index then probes every list; `ivf_index`
+returns it); `nprobe` is read at each query, so it can be tuned on a built index.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import pyarrow.parquet as pq
 
 from xdtrain.data.schemas import DataError
 from xdtrain.outputs import resolve
+from xdtrain.serving.ann import IVFIndex
 from xdtrain.serving.store import bucket_of, part_name, read_current, require_version, table_dir
 
 BLOCK_ROWS = 1 << 16  # catalogue rows scored together by top_k
@@ -80,7 +88,8 @@ class _Bucket:
 class EmbeddingReader:
     """Answers from one finished version of the store at `out` (`version`, default CURRENT)."""
 
-    def __init__(self, out: str, version: str = "", cache_buckets: int = 8, index_bytes: int = 1 << 30) -> None:
+    def __init__(self, out: str, version: str = "", cache_buckets: int = 8, index_bytes: int = 1 << 30,
+                 index_min_rows: int = 100_000, nprobe: int = 128, index_seed: int = 0, threads: int = 0) -> None:
         self.fs, self.out = resolve(out)
         if not version:
             version = read_current(self.out) or ""
@@ -89,8 +98,10 @@ class EmbeddingReader:
         self.version = version
         self.info = require_version(self.out, version)
         self.cache_buckets, self.index_bytes = cache_buckets, index_bytes
+        self.index_min_rows, self.nprobe, self.index_seed, self.threads = index_min_rows, nprobe, index_seed, threads
         self._buckets: OrderedDict[tuple[str, int], _Bucket] = OrderedDict()
-        self._index: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray]] = {}
+        # (table, domain) -> its held catalogue: the matrix (ids, vectors) or an IVF index
+        self._held: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray] | IVFIndex] = {}
 
     @property
     def tables(self) -> list[str]:
@@ -145,40 +156,69 @@ class EmbeddingReader:
                            f"{ids[~found][:5].tolist()}{where}")
         return out
 
-    def _blocks(self, table: str, domain: str | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, vectors) of the table's rows of `domain` (all rows when None), block by block."""
-        key = (table, domain)
-        if key in self._index:
-            ids, vecs = self._index[key]
-            for a in range(0, len(ids), BLOCK_ROWS):
-                yield ids[a : a + BLOCK_ROWS], vecs[a : a + BLOCK_ROWS]
-            return
-        meta = self._meta(table)
-        fits = meta["rows"] * meta["dim"] * 4 <= self.index_bytes
-        kept: list[tuple[np.ndarray, np.ndarray]] = []
-        for b in range(meta["buckets"]):
+    def _stream(self, table: str, domain: str | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of the table's rows of `domain` (all rows when None), read block by block."""
+        for b in range(self._meta(table)["buckets"]):
             with self.fs.open(f"{table_dir(self.out, self.version, table)}/{part_name(b)}", "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=BLOCK_ROWS):
                     ids, vecs, doms = table_arrays(pa.Table.from_batches([batch]))
                     if domain is not None and doms is not None:
                         ids, vecs = ids[doms == domain], vecs[doms == domain]
-                    if fits:
-                        kept.append((ids, vecs))
                     yield ids, vecs
-        if fits:
-            kept.append((np.zeros(0, np.int64), np.zeros((0, meta["dim"]), np.float32)))
-            self._index[key] = (np.concatenate([i for i, _ in kept]), np.concatenate([v for _, v in kept]))
+
+    def _catalogue(self, table: str, domain: str | None) -> tuple[np.ndarray, np.ndarray] | IVFIndex | None:
+        """The held catalogue of (table, domain), loaded on first use; None when it does not fit."""
+        key = (table, domain)
+        if key not in self._held:
+            meta = self._meta(table)
+            if meta["rows"] * meta["dim"] * 4 > self.index_bytes:
+                return None
+            kept = list(self._stream(table, domain))
+            ids = np.concatenate([np.zeros(0, np.int64)] + [i for i, _ in kept])
+            vecs = np.concatenate([np.zeros((0, meta["dim"]), np.float32)] + [v for _, v in kept])
+            del kept
+            if len(ids) >= max(1, self.index_min_rows):
+                self._held[key] = IVFIndex(ids, vecs, seed=self.index_seed, threads=self.threads)
+            else:
+                self._held[key] = (ids, vecs)
+        return self._held[key]
+
+    def index_kind(self, table: str = "item", domain: str | None = None) -> str:
+        """How `top_k` serves (table, domain): "ivf", "exact" or "streamed" (see the module doc).
+        Loads (and for "ivf" builds) the held catalogue on first call, as `top_k` would."""
+        held = self._catalogue(table, domain)
+        return "streamed" if held is None else "ivf" if isinstance(held, IVFIndex) else "exact"
+
+    def ivf_index(self, table: str = "item", domain: str | None = None) -> IVFIndex | None:
+        """The IVF index serving (table, domain) (its `nlist`, `rows`, `nbytes`), None when not "ivf"."""
+        held = self._catalogue(table, domain)
+        return held if isinstance(held, IVFIndex) else None
+
+    def _blocks(self, held: tuple[np.ndarray, np.ndarray] | None, table: str,
+                domain: str | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if held is None:
+            yield from self._stream(table, domain)
+            return
+        for a in range(0, len(held[0]), BLOCK_ROWS):
+            yield held[0][a : a + BLOCK_ROWS], held[1][a : a + BLOCK_ROWS]
 
     def top_k(self, user_ids: Sequence[int] | np.ndarray, k: int = 10, domain: str | None = None,
-              user_table: str = "user", item_table: str = "item") -> tuple[np.ndarray, np.ndarray]:
+              user_table: str = "user", item_table: str = "item",
+              exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The k items of `domain` (every item when None) with the largest inner product with each
-        user's vector (the zero-shot ranker): (item ids [U, k], scores [U, k]), best first."""
+        user's vector (the zero-shot ranker): (item ids [U, k], scores [U, k]), best first. Served as
+        `index_kind(item_table, domain)` says; `exact` forces the exact top-k. From the IVF index
+        a row may end in id -1 (score -inf) when the lists probed hold fewer than k items."""
         users = self.vectors(user_ids, user_table, domain if "domain" in self._meta(user_table)["keys"] else None)
+        held = self._catalogue(item_table, domain)
+        if isinstance(held, IVFIndex):
+            scores, ids = held.search(users, min(k, held.rows), held.nlist if exact else self.nprobe)
+            return ids, scores
         best_s, best_i = [], []
         for a in range(0, len(users), USER_BLOCK):
             u = users[a : a + USER_BLOCK]
             best = None
-            for ids, vecs in self._blocks(item_table, domain):
+            for ids, vecs in self._blocks(held, item_table, domain):
                 if len(ids):
                     best = topk_merge(u @ vecs.T, ids, best, k)
             if best is None:
