@@ -47,3 +47,34 @@ def sequences_in(run_dir: Path) -> int:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(run_dir / "data" / "train" / "part-00000.parquet").metadata.num_rows
+
+
+def submit_and_wait(cluster, args: list[str], timeout: float = 400) -> tuple[object, str]:
+    """`ray job submit` of `python <args>` to a cluster/local.py cluster; (final status, logs).
+
+    The client needs only the auth mode (for the token header), never RAY_ADDRESS: with it set
+    here, this process's own Ray (the session cluster) lost its GCS after that cluster shut down,
+    and the next Ray Data / Ray Train call killed pytest 60 s later (reproduced, then fixed)."""
+    import os
+    import sys
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.runtime_env import job_runtime_env
+
+    auth = {k: v for k, v in cluster.client_env().items() if k != "RAY_ADDRESS"}
+    old = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    try:
+        client = JobSubmissionClient(cluster.dashboard_url)
+        job = client.submit_job(entrypoint=" ".join([sys.executable, *args]), runtime_env=job_runtime_env())
+        ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+        deadline = time.time() + timeout
+        while (status := client.get_job_status(job)) not in ended:
+            assert time.time() < deadline, f"timed out after {timeout}s waiting for job {job} to end"
+            time.sleep(0.5)
+        return status, client.get_job_logs(job)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

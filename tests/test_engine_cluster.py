@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from enginekit import make_world, overrides, records, sequences_in
+from enginekit import make_world, overrides, records, sequences_in, submit_and_wait
 
 from cluster.local import LocalCluster, NodeSpec
-from cluster.runtime_env import job_runtime_env
 
 pytestmark = pytest.mark.ray
 
@@ -89,28 +88,12 @@ def test_elastic_training_shrinks_and_grows_with_the_cluster(world, tmp_path):
 
 
 def test_pretrain_job_submitted_with_job_submission_client(world, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     run_dir = tmp_path / "job"
     with LocalCluster.start(f"/tmp/xdt-job-{os.getpid()}", head=NodeSpec(num_cpus=2, ps=4, trainer=2)) as cl:
-        # The client needs only the auth mode (for the token header), never RAY_ADDRESS: with it set
-        # here, this process's own Ray (the session cluster) lost its GCS after this cluster shut down,
-        # and the next Ray Data / Ray Train call killed pytest 60 s later (reproduced, then fixed).
-        auth = {k: v for k, v in cl.client_env().items() if k != "RAY_ADDRESS"}
-        old = {k: os.environ.get(k) for k in auth}
-        os.environ.update(auth)
-        try:
-            client = JobSubmissionClient(cl.dashboard_url)
-            entry = " ".join([sys.executable, "-m", "jobs.pretrain", "--config", "configs/demo.yaml",
-                              *overrides(world, run_dir, "train.epochs=1", "scale.workers=2")])
-            job = client.submit_job(entrypoint=entry, runtime_env=job_runtime_env())
-            status = wait_until(
-                lambda: (s := client.get_job_status(job)) in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                              JobStatus.STOPPED) and s, 400, "the job to end")
-            logs = client.get_job_logs(job)
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        status, logs = submit_and_wait(cl, ["-m", "jobs.pretrain", "--config", "configs/demo.yaml",
+                                            *overrides(world, run_dir, "train.epochs=1", "scale.workers=2")])
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["job"] == "pretrain" and summary["steps"] > 0

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.enginekit import make_world, overrides
+from tests.enginekit import make_world, overrides, submit_and_wait
 from xdtrain.cli import main as cli
 from xdtrain.config import load_config
 from xdtrain.models import build_model
@@ -282,31 +282,15 @@ def test_finetune_hands_workers_an_absolute_init_from(kit, monkeypatch):
 def test_refresh_submitted_with_job_submission_client(kit, tmp_path):
     """`ray job submit` of the refresh to a local cluster (cluster/local.py) publishes the version
     the in-process refresh of the same checkpoint published, with the same vectors."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from test_engine_cluster import wait_until
+    from ray.job_submission import JobStatus
 
     from cluster.local import LocalCluster, NodeSpec
-    from cluster.runtime_env import job_runtime_env
 
     out = tmp_path / "store"
     with LocalCluster.start(f"/tmp/xdt-refresh-{os.getpid()}", head=NodeSpec(num_cpus=2)) as cl:
-        # RAY_ADDRESS stays out of this process (see test_engine_cluster.py): the client needs the auth mode only
-        auth = {k: v for k, v in cl.client_env().items() if k != "RAY_ADDRESS"}
-        old = {k: os.environ.get(k) for k in auth}
-        os.environ.update(auth)
-        try:
-            client = JobSubmissionClient(cl.dashboard_url)
-            entry = " ".join([sys.executable, "-m", "jobs.refresh_embeddings", "--config", "configs/demo.yaml",
-                              *kit["args"](out, kit["cks"]["v1"], "workers=1", "batch_size=400",
-                                           f"refresh_dir={tmp_path / 'work'}")])
-            job = client.submit_job(entrypoint=entry, runtime_env=job_runtime_env())
-            status = wait_until(
-                lambda: (s := client.get_job_status(job)) in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                              JobStatus.STOPPED) and s, 400, "the job to end")
-            logs = client.get_job_logs(job)
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        status, logs = submit_and_wait(cl, ["-m", "jobs.refresh_embeddings", "--config", "configs/demo.yaml",
+                                            *kit["args"](out, kit["cks"]["v1"], "workers=1", "batch_size=400",
+                                                         f"refresh_dir={tmp_path / 'work'}")])
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     a, b = EmbeddingReader(str(kit["first"])), EmbeddingReader(str(out))
     assert a.version == b.version and f"published {b.version}" in logs
