@@ -67,6 +67,7 @@ def test_in_process_ps_matches_ray_ps_on_one_worker(ray_cluster, world, tmp_path
                                                                    abs=1e-4)
 
 
+@pytest.mark.slow  # mid-phase resume to the same curve stays in the default suite (test_programs_engine.py)
 def test_interrupted_run_resumes_to_the_same_curve(ray_cluster, world, tmp_path):
     """Stop after 7 steps (mid-epoch), start again on the same run_dir: the loss curve and the data
     consumed match an uninterrupted run."""
