@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from enginekit import make_world, overrides, submit_and_wait
 
-from tests.enginekit import make_world, overrides, submit_and_wait
 from xdtrain.cli import main as cli
 from xdtrain.config import load_config
 from xdtrain.models import build_model

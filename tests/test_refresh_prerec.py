@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from enginekit import make_world
 from test_refresh import make_checkpoint
 
-from tests.enginekit import make_world
 from xdtrain.config import load_config
 from xdtrain.data.validate import read_dataset
 from xdtrain.eval.evaluator import user_batch
