@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import peak_rss_mb, report_result, run_phase, timer
+from xdtrain.outputs import claim_output_dir, remove_owned
 
 DOMAINS = ["a", "b", "c", "d"]
 MODEL = {"name": "seqrec", "backbone": "sasrec", "d": 32, "max_len": 20, "layers": 1, "dropout": 0.0}
@@ -175,7 +176,6 @@ def compare(root: Path, sample: int = 20_000) -> dict:
 
 def serve(root: Path, items: int, queries: int, nprobes: list[int], k: int = 10, dim: int = 32) -> None:
     """Exact vs IVF top-k from one published version (see the module doc)."""
-    import shutil
 
     from xdtrain.refresh.infer import write_version
     from xdtrain.serving import EmbeddingReader
@@ -191,7 +191,7 @@ def serve(root: Path, items: int, queries: int, nprobes: list[int], k: int = 10,
                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)})
 
     out = root / "serve"
-    shutil.rmtree(out, ignore_errors=True)
+    clear(out, root)
     with timer() as t:
         write_version(str(out), "v1", {"item": vector_table(draw(items)), "user": vector_table(draw(queries))},
                       buckets=8)
@@ -222,6 +222,12 @@ def serve(root: Path, items: int, queries: int, nprobes: list[int], k: int = 10,
     print(f"peak RSS {peak_rss_mb():,.0f} MiB; load average {os.getloadavg()}")
 
 
+def clear(path: Path, bench_dir: str | Path) -> None:
+    """Remove an earlier run's `path`, only inside the bench's own claimed folder (outputs.remove_owned)."""
+    if Path(path).exists():
+        remove_owned(path, bench_dir, created=lambda _: True)  # everything in the claimed folder is the bench's
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=10_000_000)
@@ -236,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--nprobe", default="16,32,64,128,256", help="IVF lists probed per query, comma-separated")
     args = ap.parse_args(argv)
+    if not args.phase:  # the bench's own folder: refused when it holds files xdtrain did not write
+        claim_output_dir(args.dir, "--dir")
     if args.serve:
         items = args.items if "--items" in " ".join(argv or sys.argv) else 1_000_000
         serve(Path(args.dir), items, args.queries, [int(x) for x in args.nprobe.split(",")])
@@ -250,12 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase:
         report_result(phase(root, args.phase, args.workers, args.batch, args.rows_per_bucket))
         return 0
-    import shutil
-
     for m in ("local", "ray"):
-        shutil.rmtree(root / f"out-{m}", ignore_errors=True)
+        clear(root / f"out-{m}", args.dir)
     if not (args.reuse and (root / "meta.json").exists()):
-        shutil.rmtree(root, ignore_errors=True)
+        clear(root, args.dir)
     common = ["-m", "bench.refresh_bench", f"--items={args.items}", f"--users={args.users}",
               f"--workers={args.workers}", f"--batch={args.batch}", f"--rows-per-bucket={args.rows_per_bucket}",
               f"--dir={args.dir}"]
