@@ -200,6 +200,13 @@ def match_items(a: pa.Table, b: pa.Table) -> pa.Table:
     return pa.table({"item_id_a": pa.array(arr[:, 0]), "item_id_b": pa.array(arr[:, 1])})
 
 
+def title_twins(items: pa.Table, other: pa.Table) -> np.ndarray:
+    """The item ids of `items` whose normalised title is also one of `other`'s titles."""
+    titles = {normalise_title(t) for t in other["title"].to_pylist()}
+    ids = [i for i, t in zip(items["item_id"].to_pylist(), items["title"].to_pylist()) if normalise_title(t) in titles]
+    return np.asarray(ids, dtype=np.int64)
+
+
 def load_source(dataset: str, root: str | Path | None = None) -> MovieLensData:
     """Load a dataset of DATASETS as canonical-ish tables without domains or filtering."""
     if dataset not in DATASETS:
@@ -334,6 +341,9 @@ class MovieLensConfig:
     dedupe: bool = True  # drop repeated (user, item) pairs, keeping the earliest
     k_core: int = 5  # users and items need >= k interactions (0 or 1: no filter)
     k_core_iterate: bool = True  # to a fixed point; False: one pass
+    # Drop the items whose normalised title is also a title of this dataset (e.g. "ml-100k": ML-1M
+    # without the movies ML-100K has too, for a twin-free new-platform test). "" = keep all.
+    exclude_title_twins: str = ""
     sequences: Literal["memory", "ray", "none"] = "memory"  # also write per-user per-domain sequences
     data_dir: str = ""  # default: data_root()
     out_dir: str = "runs/data/ml-1m"
@@ -353,6 +363,11 @@ def prepare(cfg: MovieLensConfig) -> MovieLensData:
         keep = pc.and_(keep, pc.is_in(inter["domain"], value_set=pa.array(cfg.domains, pa.string())))
     if cfg.min_rating > 0:
         keep = pc.and_(keep, pc.greater_equal(inter["rating"], cfg.min_rating))
+    if cfg.exclude_title_twins:
+        twins = title_twins(data.items, load_source(cfg.exclude_title_twins, cfg.data_dir or None).items)
+        stats["title_twins_dropped"] = {"items": len(twins), "interactions": int(pc.sum(pc.and_(
+            keep, pc.is_in(inter["item_id"], value_set=pa.array(twins, pa.int64())))).as_py() or 0)}
+        keep = pc.and_(keep, pc.invert(pc.is_in(inter["item_id"], value_set=pa.array(twins, pa.int64()))))
     inter = inter.filter(keep)
     if cfg.dedupe:
         before = inter.num_rows

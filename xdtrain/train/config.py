@@ -33,6 +33,7 @@ class DataConfig:
     domains: str = "none"  # movielens: none | genre | zip_region | platform
     min_rating: float = 0.0
     k_core: int = 5
+    exclude_title_twins: str = ""  # movielens: drop items whose title this dataset has too (e.g. ml-100k)
     interactions_url: str = ""  # parquet: a canonical interactions dataset at any fsspec URL; two_domain_csv: the CSV
     two_domain_names: list[str] = field(default_factory=lambda: ["d1", "d2"])  # two_domain_csv: seq_d1's, seq_d2's
     # Overlap-rate variants (xdtrain.data.two_domain.resample_overlap): keep overlap_rate x |users of
@@ -127,6 +128,7 @@ class EvalSection:
     rndcg_a: float = 2.0  # r-NDCG = log(a) / log(a + b (rank - 1) / N)  (paper Eq. 11)
     rndcg_b: float = 15000.0
     groups: list[str] = field(default_factory=list)  # eval-row columns to break results down by, e.g. [unseen]
+    keep_rows: bool = False  # test reports also write every row's metrics (<scorer>_<mode>/metrics_rows.parquet)
     baselines: list[str] = field(default_factory=lambda: ["pop"])  # also scored at test time: pop, random, sbert
     text_model: str = "minilm"  # sbert baseline: sentence-transformers model of the item texts
     text_cache: str = ""  # sbert baseline: text-vector cache ("" = the model's text_cache, or <run_dir>/cache/text)

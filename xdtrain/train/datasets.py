@@ -90,7 +90,8 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> Interactions:
         from xdtrain.data.movielens import MovieLensConfig, prepare
 
         ml = prepare(MovieLensConfig(dataset=cfg.dataset, domain_rule=cfg.domains, min_rating=cfg.min_rating,
-                                     k_core=cfg.k_core, sequences="none"))
+                                     k_core=cfg.k_core, exclude_title_twins=cfg.exclude_title_twins,
+                                     sequences="none"))
         items = write_dataset(ml.items.select(["item_id", "domain", "text"]), run_dir / "data" / "side" / "items")
         inter, name, tables = ml.interactions, cfg.dataset, {"items": items}
         inter = inter.select(COLUMNS + [c for c in optional if c in inter.column_names])

@@ -23,12 +23,12 @@ from xdtrain.train.config import EvalSection
 class RankingEval:
     """One eval split under every configured candidate mode."""
 
-    def __init__(self, data: EvalSet, cfg: EvalSection, ks: list[int] | None = None) -> None:
+    def __init__(self, data: EvalSet, cfg: EvalSection, ks: list[int] | None = None, keep_rows: bool = False) -> None:
         self.data, self.cfg = data, cfg
         self.configs = [EvalConfig(candidates=c, ks=list(ks or cfg.ks), seed=cfg.seed, user_batch=cfg.batch_size,
                                    tie_policy=cfg.tie_policy, pop_exponent=cfg.pop_exponent,
                                    k_percents=list(cfg.k_percents), rndcg_a=cfg.rndcg_a, rndcg_b=cfg.rndcg_b,
-                                   groups=list(cfg.groups))
+                                   groups=list(cfg.groups), keep_rows=keep_rows)
                         for c in cfg.candidates]
         self.candidates = [prepare_candidates(data, c.spec()) for c in self.configs]
 
@@ -64,7 +64,7 @@ def test_report(model: torch.nn.Module, pull: Pull, data: EvalSet, cfg: EvalSect
     The `sbert` baseline reads item texts from `model_data`'s `items` table, through the text cache
     `cfg.text_cache`, else `text_cache` (the model's, to share its vectors), else <cache_dir>/text.
     Returns {scorer: {mode: summary}}."""
-    ev = RankingEval(data, cfg, ks=sorted(set(cfg.ks) | {10, 20}))
+    ev = RankingEval(data, cfg, ks=sorted(set(cfg.ks) | {10, 20}), keep_rows=cfg.keep_rows)
     model.eval()
     text = baseline_text(cfg, model_data, text_cache) if "sbert" in cfg.baselines else None
     scorers = {name: model.scorer(data.rows, pull)}
