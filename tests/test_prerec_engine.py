@@ -1,8 +1,9 @@
 """PreRec on the distributed engine (configs/prerec_demo.yaml) on a small generated 3-domain world.
 
-Pre-training runs on books + movies only; games is held out. The same config runs on 2 workers with
-a 2-shard Ray PS, on 1 worker with the Ray PS and on 1 worker with the in-process PS; the held-out
-domain is then scored zero-shot from the 2-worker checkpoint by the evaluate job and fine-tuned from it.
+Pre-training runs on books + movies only; games is held out. The default suite pre-trains PreRec and
+PreRec_n on 2 workers with a 2-shard Ray PS, scores them zero-shot and fine-tunes PreRec (the pipeline
+of docs/results/prerec.md, in about a minute). The slow tests add 1-worker runs (Ray PS and the
+in-process PS) and compare them.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from xdtrain.config import load_config
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.engine import run_evaluate, run_finetune, train
 
-# The engine tests (marked slow) make five engine runs: about 4 minutes on 2 shared cores.
-
-SMALL = ["model.d=16", "model.max_len=20", "model.negatives=32", "train.epochs=2", "train.eval_every=2",
-         "train.log_every=1", "train.progress=false", "eval.baselines=[pop,random]"]
+SMALL = ["model.d=16", "model.max_len=20", "model.negatives=32", "train.epochs=2", "train.lr=0.005",
+         "train.eval_every=2", "train.log_every=1", "train.progress=false", "eval.baselines=[pop,random]"]
+TWO = ["scale.workers=2", "ps.backend=ray", "ps.shards=2"]
+PREREC_N = ["model.use_domain=false", "model.use_popularity=false", "model.use_offsets=false"]
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,49 @@ def config(world: tuple[str, str], run_dir: Path, *extra: str) -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, world, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+def pretrained(ray_cluster, world, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """PreRec and PreRec_n pre-trained on books + movies, 2 workers + a 2-shard Ray PS."""
+    base = tmp_path_factory.mktemp("prerec_pretrained")
+    return {name: (train(config(world, base / name, *TWO, *extra)), base / name)
+            for name, extra in {"prerec": [], "prerec_n": PREREC_N}.items()}
+
+
+def ndcg(summary: dict, scorer: str = "prerec") -> float:
+    return summary[scorer]["full"]["ndcg@10"]
+
+
+@pytest.mark.ray
+def test_prerec_pipeline_on_two_workers_and_a_ray_ps(pretrained, world, tmp_path):
+    """Pre-train -> zero-shot -> fine-tune, as docs/results/prerec.md runs it, on a tiny world."""
+    for name, (s, _) in pretrained.items():  # both variants learn from the sources and beat popularity
+        assert s["stop_reason"] == "epochs", name
+        assert ndcg(s["test"]) > ndcg(s["test"], "pop") + 0.02, (name, s["test"])
+    ckpt = pretrained["prerec"][0]["checkpoint"]
+    local = ["ps.backend=local", f"init_from={ckpt}", "data.train_domains=[]"]
+    # zero-shot drops D and the offsets: on a trained domain it changes the scores, on the held-out
+    # domain (D_games and its offsets were never trained, so 0) it is what the model does anyway
+    books = {inf: ndcg(run_evaluate(config(world, tmp_path / f"books_{inf}", *local, "data.eval_domains=[books]",
+                                           f"model.inference={inf}"))["test"]) for inf in ("auto", "zero_shot")}
+    assert books["auto"] != pytest.approx(books["zero_shot"], abs=1e-4), books
+    zs = run_evaluate(config(world, tmp_path / "zs", *local, "data.eval_domains=[games]", "model.inference=zero_shot"))
+    auto = run_evaluate(config(world, tmp_path / "auto", *local, "data.eval_domains=[games]"))
+    assert ndcg(zs["test"]) == pytest.approx(ndcg(auto["test"]), abs=1e-6)
+    assert ndcg(zs["test"]) > ndcg(zs["test"], "random") + 0.05
+    # fine-tuning starts from the checkpoint: its first loss on games is far below a fresh model's
+    # (log(1 + negatives) = 3.50 with 32 negatives)
+    ft_dir = tmp_path / "ft"
+    ft = run_finetune(config(world, ft_dir, "data.train_domains=[games]", "data.eval_domains=[games]",
+                             "train.epochs=1", "scale.workers=1", "ps.backend=local", f"init_from={ckpt}"))
+    assert ft["stop_reason"] == "epochs"
+    first = curve(ft_dir)[min(curve(ft_dir))]
+    assert first < 0.8 * np.log(33), first
+
+
+@pytest.fixture(scope="module")
+def runs(pretrained, world, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     base = tmp_path_factory.mktemp("prerec_runs")
-    out = {}
-    for name, extra in {"two": ["scale.workers=2", "ps.backend=ray", "ps.shards=2"],
-                        "ray1": ["scale.workers=1", "ps.backend=ray", "ps.shards=2"],
+    out = {"two": pretrained["prerec"]}
+    for name, extra in {"ray1": ["scale.workers=1", "ps.backend=ray", "ps.shards=2"],
                         "local1": ["scale.workers=1", "ps.backend=local"]}.items():
         out[name] = (train(config(world, base / name, *extra)), base / name)
     return out
