@@ -155,7 +155,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ns", type=int, nargs="+", default=[100, 1000, 10000, 0], help="N per point (0 = all)")
     p.add_argument("--methods", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -170,7 +170,11 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, default=8.0, help="wall budget per run (a safety cap)")
     p.add_argument("--plot", default="docs/results/prerec_incremental.png")
     p.add_argument("--plot-only", action="store_true", help="no runs: table and plot from what is there")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.plot_only:
         run_all(args)

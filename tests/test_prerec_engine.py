@@ -8,7 +8,10 @@ in-process PS) and compare them.
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,8 +19,8 @@ import pytest
 from enginekit import curve, make_world
 
 from xdtrain.config import load_config
-from xdtrain.train.config import EngineConfig
-from xdtrain.train.engine import run_evaluate, run_finetune, train
+from xdtrain.train.config import EngineConfig, check_ranges
+from xdtrain.train.engine import run_evaluate, train
 
 SMALL = ["model.d=16", "model.max_len=20", "model.negatives=32", "train.epochs=2", "train.lr=0.005",
          "train.eval_every=2", "train.log_every=1", "train.progress=false", "eval.baselines=[pop,random]"]
@@ -38,12 +41,39 @@ def config(world: tuple[str, str], run_dir: Path, *extra: str) -> EngineConfig:
                        [f"run_dir={run_dir}", f"data.world_url={url}", f"model.text_cache={cache}", *SMALL, *extra])
 
 
+class Pipeline(NamedTuple):
+    exp: Path  # laid out as scripts/prerec_runs.py lays out its experiment (settings pre, zs, ft; seed 0)
+    pre: dict[str, dict]  # model -> the pre-training run's metrics
+    zs: dict[str, dict]
+    ft: dict[str, dict]
+
+
 @pytest.fixture(scope="module")
-def pretrained(ray_cluster, world, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
-    """PreRec and PreRec_n pre-trained on books + movies, 2 workers + a 2-shard Ray PS."""
-    base = tmp_path_factory.mktemp("prerec_pretrained")
-    return {name: (train(config(world, base / name, *TWO, *extra)), base / name)
-            for name, extra in {"prerec": [], "prerec_n": PREREC_N}.items()}
+def pipeline(ray_cluster, world, tmp_path_factory) -> Pipeline:
+    """PreRec and PreRec_n pre-trained on books + movies (2 workers + a 2-shard Ray PS), scored
+    zero-shot on games and fine-tuned on it, with the per-row metrics the results tables pair."""
+    exp = tmp_path_factory.mktemp("prerec_exp")
+    rows = ["eval.k_percents=[5.0]", "eval.keep_rows=true", "eval.groups=[unseen,new_user,new_item]"]
+    out = Pipeline(exp, {}, {}, {})
+    for m, extra in {"prerec": [], "prerec_n": PREREC_N}.items():
+        out.pre[m] = job("pretrain", world, exp / f"pre_{m}_s0", *TWO, *rows, *extra)
+        held_out = [*rows, *extra, "data.train_domains=[]", "data.eval_domains=[games]", "ps.backend=local",
+                    f"init_from={out.pre[m]['checkpoint']}"]
+        out.zs[m] = job("evaluate", world, exp / f"zs_{m}_s0", *held_out, "model.inference=zero_shot")
+        out.ft[m] = job("finetune", world, exp / f"ft_{m}_s0", *rows, *extra, "data.train_domains=[games]",
+                        "data.eval_domains=[games]", "train.epochs=1", "scale.workers=1", "ps.backend=local",
+                        f"init_from={out.pre[m]['checkpoint']}")
+    return out
+
+
+def job(name: str, world: tuple[str, str], run_dir: Path, *extra: str) -> dict:
+    """`python -m jobs.<name>` in process: its metrics.json, as the results scripts read it."""
+    main = importlib.import_module(f"jobs.{name}").main
+    url, cache = world
+    argv = ["--config", "configs/prerec_demo.yaml", f"run_dir={run_dir}", f"data.world_url={url}",
+            f"model.text_cache={cache}", *SMALL, *extra]
+    assert main(argv) == 0, name
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def ndcg(summary: dict, scorer: str = "prerec") -> float:
@@ -51,36 +81,69 @@ def ndcg(summary: dict, scorer: str = "prerec") -> float:
 
 
 @pytest.mark.ray
-def test_prerec_pipeline_on_two_workers_and_a_ray_ps(pretrained, world, tmp_path):
+def test_prerec_pipeline_on_two_workers_and_a_ray_ps(pipeline, world, tmp_path):
     """Pre-train -> zero-shot -> fine-tune, as docs/results/prerec.md runs it, on a tiny world."""
-    for name, (s, _) in pretrained.items():  # both variants learn from the sources and beat popularity
-        assert s["stop_reason"] == "epochs", name
-        assert ndcg(s["test"]) > ndcg(s["test"], "pop") + 0.02, (name, s["test"])
-    ckpt = pretrained["prerec"][0]["checkpoint"]
-    local = ["ps.backend=local", f"init_from={ckpt}", "data.train_domains=[]"]
-    # zero-shot drops D and the offsets: on a trained domain it changes the scores, on the held-out
+    for m, s in pipeline.pre.items():  # both variants learn from the sources and beat popularity
+        assert s["stop_reason"] == "epochs", m
+        assert ndcg(s["test"]) > ndcg(s["test"], "pop") + 0.02, (m, s["test"])
+    # zero-shot drops D and the offsets: on a trained domain it changes the scores; on the held-out
     # domain (D_games and its offsets were never trained, so 0) it is what the model does anyway
+    local = ["ps.backend=local", f"init_from={pipeline.pre['prerec']['checkpoint']}", "data.train_domains=[]"]
     books = {inf: ndcg(run_evaluate(config(world, tmp_path / f"books_{inf}", *local, "data.eval_domains=[books]",
                                            f"model.inference={inf}"))["test"]) for inf in ("auto", "zero_shot")}
     assert books["auto"] != pytest.approx(books["zero_shot"], abs=1e-4), books
-    zs = run_evaluate(config(world, tmp_path / "zs", *local, "data.eval_domains=[games]", "model.inference=zero_shot"))
     auto = run_evaluate(config(world, tmp_path / "auto", *local, "data.eval_domains=[games]"))
+    zs = pipeline.zs["prerec"]
     assert ndcg(zs["test"]) == pytest.approx(ndcg(auto["test"]), abs=1e-6)
-    assert ndcg(zs["test"]) > ndcg(zs["test"], "random") + 0.05
+    for m in pipeline.zs:
+        assert ndcg(pipeline.zs[m]["test"]) > ndcg(zs["test"], "random") + 0.05, m
     # fine-tuning starts from the checkpoint: its first loss on games is far below a fresh model's
     # (log(1 + negatives) = 3.50 with 32 negatives)
-    ft_dir = tmp_path / "ft"
-    ft = run_finetune(config(world, ft_dir, "data.train_domains=[games]", "data.eval_domains=[games]",
-                             "train.epochs=1", "scale.workers=1", "ps.backend=local", f"init_from={ckpt}"))
-    assert ft["stop_reason"] == "epochs"
-    first = curve(ft_dir)[min(curve(ft_dir))]
-    assert first < 0.8 * np.log(33), first
+    for m, ft in pipeline.ft.items():
+        assert ft["stop_reason"] == "epochs", m
+        losses = curve(pipeline.exp / f"ft_{m}_s0")
+        assert losses[min(losses)] < 0.8 * np.log(33), (m, losses)
+
+
+def test_results_configs_and_table_scripts_run_on_the_tiny_pipeline(pipeline, tmp_path, capsys):
+    from scripts import prerec_incremental, prerec_runs, prerec_tables
+
+    # every job of the results experiment loads and passes the range checks with its results config
+    for job in prerec_runs.jobs([0, 1]):
+        check_ranges(load_config(EngineConfig, job.config, [f"run_dir={tmp_path}", *job.overrides]))
+    # the results tables, with their paired per-row comparisons, from the tiny run
+    prerec_tables.main([str(pipeline.exp), "--seeds", "0", "--settings", "zs", "ft", "pre"])
+    out = capsys.readouterr().out
+    for title in ("zero-shot", "fine-tuned", "Source markets"):
+        assert title in out
+    assert out.count("| PreRec (1 seeds) |") == 3 and out.count("| PreRec − PreRec_n | rndcg@5% |") == 3
+    zs = pipeline.zs["prerec"]["test"]["prerec"]["full"]
+    assert f"| PreRec (1 seeds) | {zs['count']}" in out and f"{zs['recall@5%']:.4f}" in out
+    # the incremental sweep: its job lines load, and its table and plot come out of finished runs
+    args = prerec_incremental.parser().parse_args(
+        ["--pre", str(pipeline.exp / "pre_prerec_s0"), "--pre-n", str(pipeline.exp / "pre_prerec_n_s0"),
+         "--out", str(tmp_path / "inc"), "--ns", "0", "--plot", str(tmp_path / "inc.png")])
+    cmds = prerec_incremental.commands(args)
+    for cmd in cmds.values():
+        config_at = cmd.index("--config") + 1
+        check_ranges(load_config(EngineConfig, cmd[config_at], cmd[config_at + 1:]))
+    (tmp_path / "inc").mkdir()
+    for (method, n), cmd in cmds.items():  # the tiny runs stand in for the sweep's points
+        source = {("PreRec", -1): "zs_prerec_s0", ("PreRec_n", -1): "zs_prerec_n_s0",
+                  ("PreRec", 0): "ft_prerec_s0", ("PreRec_n", 0): "ft_prerec_n_s0"}.get((method, n))
+        if source:
+            prerec_incremental.run_dir_of(cmd).symlink_to(pipeline.exp / source)
+    rows = prerec_incremental.collect(args)
+    assert {(r["method"], r["n"]) for r in rows} >= {("PreRec", -1), ("PreRec", 0), ("PreRec_n", 0), ("POP", -1)}
+    assert "| PreRec |" in prerec_incremental.incremental_table(rows)
+    prerec_incremental.plot(rows, tmp_path / "inc.png")
+    assert (tmp_path / "inc.png").stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
-def runs(pretrained, world, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+def runs(pipeline, world, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     base = tmp_path_factory.mktemp("prerec_runs")
-    out = {"two": pretrained["prerec"]}
+    out = {"two": (pipeline.pre["prerec"], pipeline.exp / "pre_prerec_s0")}
     for name, extra in {"ray1": ["scale.workers=1", "ps.backend=ray", "ps.shards=2"],
                         "local1": ["scale.workers=1", "ps.backend=local"]}.items():
         out[name] = (train(config(world, base / name, *extra)), base / name)
@@ -122,24 +185,6 @@ def test_two_workers_match_one_worker_within_noise(runs):
     two, one = runs["two"][0]["test"]["prerec"]["full"], runs["ray1"][0]["test"]["prerec"]["full"]
     assert two["ndcg@10"] == pytest.approx(one["ndcg@10"], abs=0.03)
     assert two["hr@10"] == pytest.approx(one["hr@10"], abs=0.05)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_zero_shot_on_held_out_domain_and_fine_tuning(runs, world, tmp_path):
-    ckpt = runs["two"][0]["checkpoint"]
-    held_out = ["data.train_domains=[]", "data.eval_domains=[games]", "ps.backend=local", f"init_from={ckpt}"]
-    zs = run_evaluate(config(world, tmp_path / "zs", *held_out, "model.inference=zero_shot"))["test"]
-    auto = run_evaluate(config(world, tmp_path / "auto", *held_out))["test"]
-    # games was never trained: D_games = 0 and its offsets are 0, i.e. exactly the Eq. 8 zero-shot model
-    assert auto["prerec"]["full"]["ndcg@10"] == pytest.approx(zs["prerec"]["full"]["ndcg@10"], abs=1e-6)
-    assert zs["prerec"]["full"]["ndcg@10"] > zs["random"]["full"]["ndcg@10"] + 0.05
-    ft = run_finetune(config(world, tmp_path / "ft", "data.train_domains=[games]", "data.eval_domains=[games]",
-                             "scale.workers=1", "ps.backend=local", f"init_from={ckpt}"))["test"]
-    assert ft["prerec"]["full"]["ndcg@10"] > zs["random"]["full"]["ndcg@10"] + 0.05
-    print(f"games: zero-shot ndcg@10 {zs['prerec']['full']['ndcg@10']:.4f}, fine-tuned "
-          f"{ft['prerec']['full']['ndcg@10']:.4f}, pop {zs['pop']['full']['ndcg@10']:.4f}, "
-          f"random {zs['random']['full']['ndcg@10']:.4f}")
 
 
 # ---------------------------------------------------------------- engine rows -> PreRec rows (no Ray)
