@@ -137,6 +137,18 @@ def test_platforms_match_titles():
         prepare(MovieLensConfig(dataset="ml-1m", domain_rule="platform"))
 
 
+def test_twin_free_ml1m_drops_every_title_ml100k_has():
+    d = prepare(MovieLensConfig(dataset="ml-1m", domain_rule="zip_region", exclude_title_twins="ml-100k", k_core=5))
+    small = {normalise_title(t) for t in load_source("ml-100k").items["title"].to_pylist()}
+    kept = d.items["title"].to_pylist()
+    assert kept and not any(normalise_title(t) in small for t in kept)
+    twins = d.stats["title_twins_dropped"]
+    assert twins["items"] == 1606  # of ML-100K's 1,664 titles, 1,606 name an ML-1M movie too
+    full = prepare(MovieLensConfig(dataset="ml-1m", domain_rule="zip_region", k_core=5))
+    assert d.interactions.num_rows < full.interactions.num_rows - twins["interactions"] // 2
+    assert set(d.interactions["item_id"].to_pylist()) <= set(full.items["item_id"].to_pylist())  # ids kept
+
+
 def test_ml100k_kg_numeric_ids_and_links():
     d = load_source("ml-100k-kg")
     assert d.interactions.slice(0, 1).to_pylist()[0] == {
