@@ -116,6 +116,7 @@ def test_killed_ps_shard_is_recovered(ray_cluster, world, clean, tmp_path):
         clean["test"]["seqrec"]["full"]["ndcg@10"], abs=0.03)
 
 
+@pytest.mark.slow  # the default suite checks the same on PreRec (test_prerec_engine.py, 2 workers + Ray PS)
 def test_evaluate_job_reproduces_the_test_metrics(ray_cluster, world, tmp_path):
     s = train(engine_config(world, tmp_path / "run", "scale.workers=1", "train.epochs=1"))
     ev = run_evaluate(engine_config(world, tmp_path / "eval", f"init_from={s['checkpoint']}"))

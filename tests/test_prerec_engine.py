@@ -19,6 +19,7 @@ import pytest
 from enginekit import curve, make_world
 
 from xdtrain.config import load_config
+from xdtrain.train.checkpointing import load_state
 from xdtrain.train.config import EngineConfig, check_ranges
 from xdtrain.train.engine import run_evaluate, train
 
@@ -86,6 +87,11 @@ def test_prerec_pipeline_on_two_workers_and_a_ray_ps(pipeline, world, tmp_path):
     for m, s in pipeline.pre.items():  # both variants learn from the sources and beat popularity
         assert s["stop_reason"] == "epochs", m
         assert ndcg(s["test"]) > ndcg(s["test"], "pop") + 0.02, (m, s["test"])
+    # the evaluate job reproduces the pre-training run's test from its checkpoint (2-worker Ray PS -> local PS)
+    pre = pipeline.pre["prerec"]
+    again = run_evaluate(config(world, tmp_path / "again", "ps.backend=local", f"init_from={pre['checkpoint']}"))
+    assert ndcg(again["test"]) == pytest.approx(ndcg(pre["test"]), abs=1e-6)
+    assert again["checkpoint_step"] == load_state(pre["checkpoint"]).step
     # zero-shot drops D and the offsets: on a trained domain it changes the scores; on the held-out
     # domain (D_games and its offsets were never trained, so 0) it is what the model does anyway
     local = ["ps.backend=local", f"init_from={pipeline.pre['prerec']['checkpoint']}", "data.train_domains=[]"]
