@@ -128,10 +128,17 @@ def results_table(exp: Path, setting: str, seeds: list[int], title: str) -> list
     runs = {m: [groups(exp / f"{setting}_{m}_s{s}") for s in seeds] for m in MODELS}
     first = runs["prerec"][0]
     names = metric_names(first[SCORER]["all"])
-    group_keys = ["all"] + sorted(g for g in first[SCORER] if g.endswith("=true"))
+    n_all = first[SCORER]["all"]["count"]
+    flags = sorted({g.split("=")[0] for g in first[SCORER] if "=" in g})  # unseen, new_user, new_item
+    count = {g: first[SCORER].get(f"{g}=true", {}).get("count", 0) for g in flags}
+    # a group gets its own columns only when it is a strict, non-empty part of the rows
+    group_keys = ["all"] + [f"{g}=true" for g in flags if 0 < count[g] < n_all]
     head = [f"{m} {g.split('=')[0]}" for g in group_keys for m in names]
-    out = [f"### {title}", "", "| method | n (" + " / ".join(g.split("=")[0] for g in group_keys) + ") | "
-           + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    out = [f"### {title}", ""]
+    if flags:
+        out += [f"Test rows: {n_all}; " + ", ".join(f"{g.replace('_', ' ')} {count[g]}" for g in flags) + ".", ""]
+    out += ["| method | n (" + " / ".join(g.split("=")[0] for g in group_keys) + ") | "
+            + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
     flat = {m: [r[SCORER] for r in runs[m]] for m in MODELS}
     for b, label in BASELINES.items():
         vals = [r[b] for m in MODELS for r in runs[m] if b in r]
@@ -142,7 +149,7 @@ def results_table(exp: Path, setting: str, seeds: list[int], title: str) -> list
             flat[b] = vals[:1]
     for m, label in MODELS.items():
         out.append(row(f"{label} ({len(seeds)} seeds)", flat[m], names, group_keys))
-    p, n = np.mean([r["all"][names[0]] for r in flat["prerec"]]), first[SCORER]["all"]["count"]
+    p, n = np.mean([r["all"][names[0]] for r in flat["prerec"]]), n_all
     out += ["", *comparisons(exp, setting, seeds, names, flat), "",
             f"Binomial standard error of one {names[0]} over the {n} test rows: {math.sqrt(p * (1 - p) / n):.4f}.", ""]
     return out
