@@ -1,4 +1,4 @@
-"""The tables of docs/results/prerec.md from the runs of scripts/prerec_runs.sh.
+"""The tables of docs/results/prerec.md from the runs of scripts/prerec_runs.py.
 
     python scripts/prerec_tables.py runs/prerec_v2 --seeds 0 1 2
 
@@ -41,7 +41,7 @@ def groups(run: Path) -> dict[str, dict[str, dict]]:
     """{scorer: {group: metrics}} of a run's full-catalogue test ("all", "unseen=true", ...)."""
     path = run / "metrics.json"
     if not path.exists():
-        raise SystemExit(f"{path}: missing (run scripts/prerec_runs.sh first)")
+        raise SystemExit(f"{path}: missing (run scripts/prerec_runs.py first)")
     s = json.loads(path.read_text())
     if "test_groups" in s:
         return {name: modes["full"] for name, modes in s["test_groups"].items()}
