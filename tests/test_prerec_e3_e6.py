@@ -73,17 +73,25 @@ def _assert_gain(diffs: dict[str, np.ndarray]) -> None:
 # ---------------------------------------------------------------- E3: normalisation matters
 
 
-@pytest.mark.slow
-def test_e3a_power_mean_beats_traffic_shares():
-    """E1 world (targets: 1/10-1/2 of the sources' traffic, other catalogue sizes)."""
-    _assert_gain(paired({s: trained(CONFORMITY, BASE, s).metrics for s in SEEDS},
-                        {s: trained(CONFORMITY, SHARE, s).metrics for s in SEEDS}, "E3 power mean vs shares"))
+E3A_COUNTS = ("measured 2026-12-04 (3 seeds, E1 world): power mean - raw counts Recall@5% +0.0032 +- 0.0041 "
+              "(-0.0046 / +0.0091 / +0.0049), r-NDCG@5% +0.0105 +- 0.0055 (+0.0146 / -0.0005 / +0.0173): not > 2 SE")
+E3B_COUNTS = ("raw counts line up across these domains at least as well: traffic per item differs less than 5x here, "
+              "and F's day-to-day normaliser spreads each domain's values (see docs/results/prerec_synthetic.md)")
+
+
+def _alternatives(count_xfail: str) -> list:
+    """The alternatives to the power mean; raw counts (Method A) as a measured expected failure."""
+    return ["share", pytest.param("count", marks=pytest.mark.xfail(strict=True, reason=count_xfail))]
 
 
 @pytest.mark.slow
-def test_e3a_power_mean_beats_raw_counts():
+@pytest.mark.parametrize("alt", _alternatives(E3A_COUNTS))
+def test_e3a_power_mean_beats_counts_and_shares(alt):
+    """E1 world (targets: 1/10-1/2 of the sources' traffic, other catalogue sizes): zero-shot PreRec with
+    the power-mean F against the same model with raw counts (Method A) or traffic shares (Method B)."""
+    other = {"share": SHARE, "count": COUNT}[alt]
     _assert_gain(paired({s: trained(CONFORMITY, BASE, s).metrics for s in SEEDS},
-                        {s: trained(CONFORMITY, COUNT, s).metrics for s in SEEDS}, "E3 power mean vs counts"))
+                        {s: trained(CONFORMITY, other, s).metrics for s in SEEDS}, f"E3 power mean vs {alt}"))
 
 
 def pop_scalar(model: PreRec, F: np.ndarray) -> np.ndarray:
@@ -94,30 +102,28 @@ def pop_scalar(model: PreRec, F: np.ndarray) -> np.ndarray:
 
 
 def mean_ks(model: PreRec, pop: PopularityIndex, days: np.ndarray) -> float:
-    """Mean pairwise KS distance between the domains' g(F) over (catalogue item, day), items with c > 0."""
+    """Mean pairwise KS distance between the domains' g(F) over every (catalogue item, day)."""
     g = {}
     for d in SOURCES + TARGETS:
         cat = model.text.catalogue(d)
-        F = pop.factors(d, cat[:, None], days[None, :])
-        live = pop.counts(d, cat[:, None], days[None, :]) > 0
-        g[d] = pop_scalar(model, F[live])
+        g[d] = pop_scalar(model, pop.factors(d, cat[:, None], days[None, :]).reshape(-1, pop.cfg.orders))
     doms = list(g)
     return float(np.mean([stats.ks_2samp(g[a], g[b]).statistic
                           for i, a in enumerate(doms) for b in doms[i + 1:]]))
 
 
 @pytest.mark.slow
-def test_e3b_power_mean_aligns_g_of_F_across_domains():
-    """Fig. 5's check: under the power mean the domains' g(F) distributions are closer (mean pairwise
-    KS distance over the 5 domains, days 30-89) than under raw counts or shares, in every seed."""
-    days = np.arange(30, 90)
+@pytest.mark.parametrize("alt", _alternatives(E3B_COUNTS))
+def test_e3b_power_mean_aligns_g_of_F_across_domains(alt):
+    """Fig. 5's check: under the power mean the domains' g(F) distributions are closer (mean pairwise KS
+    distance over the 5 domains and days 30-89, each model's own g) than under the alternative, in every seed."""
+    other, ks = {"share": SHARE, "count": COUNT}[alt], {}
     for s in SEEDS:
-        ks = {}
-        for name, cfg in (("power_mean", BASE), ("count", COUNT), ("share", SHARE)):
-            model = trained(CONFORMITY, cfg, s).model
-            ks[name] = mean_ks(model, model.popularity, days)
-        print(f"E3b seed={s} mean pairwise KS of g(F): " + "  ".join(f"{k} {v:.3f}" for k, v in ks.items()))
-        assert ks["power_mean"] < min(ks["count"], ks["share"]), (s, ks)
+        days = make_world(s, CONFORMITY).world.epoch0 // 86400 + np.arange(30, 90)  # absolute day numbers
+        ks[s] = {name: mean_ks(trained(CONFORMITY, cfg, s).model, trained(CONFORMITY, cfg, s).model.popularity, days)
+                 for name, cfg in (("power_mean", BASE), (alt, other))}
+        print(f"E3b seed={s} mean pairwise KS of g(F): " + "  ".join(f"{k} {v:.3f}" for k, v in ks[s].items()))
+    assert all(k["power_mean"] < k[alt] for k in ks.values()), ks
 
 
 # ---------------------------------------------------------------- E4: the domain confounder D
@@ -149,28 +155,56 @@ def test_e4c_control_no_benefit_without_domain_shift():
         print(f"  E4 {m}: gain(shifted) - gain(control) {dm:+.4f} +- {dse:.4f} (SE)")
 
 
-def probe_r(model: PreRec, w: Planted, planted: np.ndarray) -> float:
-    """Pearson r between the learned D_k (source rows) and the planted shifts mapped into the model's
-    item space through W_e A (text map, then f_NN), pooled over domains and dimensions."""
+def probes(model: PreRec, w: Planted) -> dict[str, float]:
+    """Linear probes of the learned D_k (source domains) through P = W_e A (text map, then f_NN), Pearson r
+    pooled over domains and dimensions:
+      item space   D_k against P x_k, for x = delta (taste shift) and s (item shift);
+      taste space  P^T (u(D_k) - u(0)) against delta_k, s_k: the change D_k makes to the state of a user
+                   with no history, read as a taste in the planted latent space (u . m_j = (P^T u) . g_j)."""
     P = model.f_nn.weight.detach().double().numpy() @ text_matrix(w.world)  # [d, L]
     k = [w.world.domain_names.index(d) for d in model.domains]
-    x = planted[k] @ P.T  # [K, d]
-    return float(np.corrcoef(x.ravel(), model.D.detach().double().numpy().ravel())[0, 1])
+    D = model.D.detach().double().numpy()
+    model.eval()
+    with torch.no_grad():
+        K, dom = len(k), torch.arange(len(k))
+        hist, mask = torch.zeros(K, 1, dtype=torch.long), torch.zeros(K, 1, dtype=torch.bool)
+        m = torch.zeros(1, model.cfg.d)  # no history: only the prior token is real
+        u = model.user_states(m, None, hist, mask, dom, model.D, with_prior=True)[:, 0]
+        u0 = model.user_states(m, None, hist, mask, dom, None, with_prior=True)[:, 0]
+    taste = (u - u0).double().numpy() @ P  # [K, L]
+    r = lambda a, b: float(np.corrcoef(a.ravel(), b.ravel())[0, 1])  # noqa: E731
+    wd = w.world
+    return {"item delta": r(wd.delta[k] @ P.T, D), "item s": r(wd.item_shift[k] @ P.T, D),
+            "taste delta": r(taste, wd.delta[k]), "taste s": r(taste, wd.item_shift[k])}
+
+
+def _probe_runs() -> dict[int, dict[str, float]]:
+    out = {}
+    for s in SEEDS:
+        out[s] = probes(trained(CONFORMITY, BASE, s, **SHIFTED).model, make_world(s, CONFORMITY, **SHIFTED))
+        print(f"E4b seed={s}: " + "  ".join(f"r({k}) {v:+.3f}" for k, v in out[s].items()))
+    return out
 
 
 @pytest.mark.slow
-def test_e4b_learned_d_correlates_with_planted_shift():
-    """Linear probe: the learned D_k line up with W_e A (delta_k + s_k), r > 0 by more than 2 SE over seeds
-    (delta_k and s_k alone are printed)."""
-    rs = []
-    for s in SEEDS:
-        w, model = make_world(s, CONFORMITY, **SHIFTED), trained(CONFORMITY, BASE, s, **SHIFTED).model
-        both = probe_r(model, w, w.world.delta + w.world.item_shift)
-        print(f"E4b seed={s}: r(D, W_e A delta) {probe_r(model, w, w.world.delta):.3f}  r(D, W_e A s) "
-              f"{probe_r(model, w, w.world.item_shift):.3f}  r(D, W_e A (delta + s)) {both:.3f}")
-        rs.append(both)
-    mean, se = summary(np.array(rs))
-    assert mean > 2 * se, (rs, mean, se)
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-04: r(taste delta) -0.111 / +0.331 / -0.005, mean +0.072 +- "
+                   "0.133 (SE); item-space probe r(D, W_e A delta) +0.127 / -0.003 / +0.093")
+def test_e4b_learned_d_correlates_with_planted_taste_shift():
+    """The spec's probe: the D_k of the shifted world, read as a taste through W_e A (`probes`), correlate
+    with the planted delta_k, r > 0 by more than 2 SE over seeds."""
+    rs = np.array([p["taste delta"] for p in _probe_runs().values()])
+    mean, se = summary(rs)
+    assert mean > 2 * se, (rs.tolist(), mean, se)
+
+
+@pytest.mark.slow
+def test_e4b_learned_d_counters_the_planted_item_shift():
+    """What D does absorb (found by the probes above): read as a taste, D_k points against the domain's
+    item-space shift s_k, which every history token m_j = W_e A (g_j + s_k) + ... carries; r < 0 by more
+    than 2 SE over seeds."""
+    rs = np.array([p["taste s"] for p in _probe_runs().values()])
+    mean, se = summary(rs)
+    assert mean < -2 * se, (rs.tolist(), mean, se)
 
 
 @pytest.mark.parametrize("variant", ["paper", "code"])
@@ -231,29 +265,32 @@ def _e5(seed: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def e5_runs() -> dict[int, dict[str, dict[str, float]]]:
-    return {s: cached(("e5", s), lambda s=s: _e5(s)) for s in SEEDS}
+def e5_paired(a: str, b: str) -> dict[str, np.ndarray]:
+    """Per-seed differences a - b between two of `_e5`'s models (each seed's runs made once per session)."""
+    r = {s: cached(("e5", s), lambda s=s: _e5(s)) for s in SEEDS}
+    return paired({s: r[s][a] for s in SEEDS}, {s: r[s][b] for s in SEEDS}, f"E5 {a} vs {b}")
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-04: fine-tuned - scratch at N=100, Recall@5% +0.0077 +- 0.0063"
+                   " (-0.0046 / +0.0118 / +0.0160), r-NDCG@5% +0.0081 +- 0.0048 (+0.0177 / +0.0045 / +0.0022): ahead, "
+                   "not by 2 SE")
 def test_e5a_fine_tuned_beats_from_scratch_at_small_n():
-    r = e5_runs()
-    _assert_gain(paired({s: r[s]["fine-tuned N=100"] for s in SEEDS}, {s: r[s]["scratch N=100"] for s in SEEDS},
-                        "E5 fine-tuned vs scratch N=100"))
+    _assert_gain(e5_paired("fine-tuned N=100", "scratch N=100"))
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-04: fine-tuned - zero-shot at N=100, Recall@5% +0.0064 +- "
+                   "0.0042 (-0.0017 / +0.0084 / +0.0125), r-NDCG@5% +0.0065 +- 0.0150 (+0.0038 / -0.0180 / +0.0337)")
 def test_e5a_fine_tuned_beats_zero_shot_at_small_n():
-    r = e5_runs()
-    _assert_gain(paired({s: r[s]["fine-tuned N=100"] for s in SEEDS}, {s: r[s]["zero-shot"] for s in SEEDS},
-                        "E5 fine-tuned vs zero-shot N=100"))
+    _assert_gain(e5_paired("fine-tuned N=100", "zero-shot"))
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-04: gap(N=100) - gap(N=1000), Recall@5% +0.0062 +- 0.0065 "
+                   "(-0.0068 / +0.0120 / +0.0134); gap at N=1000 +0.0015 +- 0.0009 Recall, +0.0031 +- 0.0149 r-NDCG")
 def test_e5b_gap_to_scratch_shrinks_as_n_grows():
-    r = e5_runs()
-    gap = {n: paired({s: r[s][f"fine-tuned N={n}"] for s in SEEDS}, {s: r[s][f"scratch N={n}"] for s in SEEDS},
-                     f"E5 fine-tuned vs scratch N={n}") for n in (100, 1000)}
+    gap = {n: e5_paired(f"fine-tuned N={n}", f"scratch N={n}") for n in (100, 1000)}
     _assert_gain({m: gap[100][m] - gap[1000][m] for m in METRICS})
 
 
