@@ -105,6 +105,30 @@ def test_t3_invariances_and_identity():
     assert ((F[..., 0] > 0) == (c > 0)).all()
 
 
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=["paper", "code"])
+def test_scale_count_and_share_as_defined(cfg):
+    """E3's alternatives to the power mean: raw window counts (Method A) and traffic shares (Method B),
+    both repeated over the orders; shares sum to 1 over the window's items. The power mean is the default."""
+    from dataclasses import replace
+
+    assert PopFactorsConfig().scale == "power_mean"
+    table = _log(np.random.default_rng(3))
+    cat, days = np.arange(0, 45), np.arange(-2, 60)
+    make = lambda scale: PopularityIndex.from_table(table, replace(cfg, scale=scale), {"a": 45, "b": 12})  # noqa: E731
+    count, share = make("count"), make("share")
+    c = count.counts("a", cat[:, None], days[None, :])
+    np.testing.assert_array_equal(count.factors("a", cat[:, None], days[None, :]), np.repeat(c[..., None], 4, -1))
+    F = share.factors("a", cat[:, None], days[None, :])
+    live = c.sum(0) > 0
+    np.testing.assert_allclose(F[:, live], (c[:, live] / c[:, live].sum(0))[..., None].repeat(4, -1), rtol=1e-6)
+    assert (F[:, ~live] == 0).all()
+    # the scale changes F, not the counts: the power-mean index of the same log gives today's F
+    np.testing.assert_array_equal(make("power_mean").factors("a", cat, 30),
+                                  PopularityIndex.from_table(table, cfg, {"a": 45, "b": 12}).factors("a", cat, 30))
+    with pytest.raises(ValueError, match="scale"):
+        PopFactorsConfig(scale="log")
+
+
 @pytest.mark.parametrize("cfg", CONFIGS[:3], ids=["paper", "code", "sliding7"])
 def test_t4_no_temporal_leakage(cfg):
     """F on day d must not change whatever happens on day d and later."""

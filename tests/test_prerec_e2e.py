@@ -7,8 +7,9 @@ PreRec is pre-trained on three source domains with the plain contract loop (make
 zero-shot on the two held-out domains over their full catalogues. Item "text" is the world's
 planted text vector x_j = A g_j + noise (A shared by all domains).
 
-Trained models are cached per (world, config, seed) within the module: E1 and E2 share the PreRec runs
-at gamma = 4, and E2's tests share their runs. Results and the investigation behind E2c/E2d:
+The worlds, training loop and comparisons are tests/prerec_kit.py's. Trained models are cached per
+(world, config, seed) for the session: E1 and E2 share the PreRec runs at gamma = 4, and E2's tests
+share their runs. Results and the investigation behind E2c/E2d:
 docs/results/prerec_synthetic.md.
 
     .venv/bin/pytest -m slow tests/test_prerec_e2e.py -s     # prints the per-seed tables
@@ -16,145 +17,25 @@ docs/results/prerec_synthetic.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import replace
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from prerec_kit import BASE, CONFORMITY, METRICS, SEEDS, TARGETS, Run, compare, summary, trained
 from scipy import stats
 
-from xdtrain.data.popularity import PopularityIndex, days_of
-from xdtrain.data.sampler import domain_balanced_indices
-from xdtrain.data.sequences import build_sequences
-from xdtrain.data.synthetic import (
-    ChoiceConfig,
-    DomainConfig,
-    LatentConfig,
-    UserConfig,
-    WorldConfig,
-    build_world,
-    iter_blocks,
-)
-from xdtrain.data.synthetic.text import item_text
-from xdtrain.eval.candidates import EvalSet
-from xdtrain.eval.evaluator import EvalConfig, evaluate
+from xdtrain.data.popularity import days_of
 from xdtrain.models.prerec import PreRec, PreRecConfig
-from xdtrain.models.prerec_data import eval_rows
-from xdtrain.nn.sparse import pull_rows, push_grads
-from xdtrain.ps import LocalPS
-from xdtrain.text.cache import ItemVectors
-
-SOURCES, TARGETS = ["src_a", "src_b", "src_c"], ["tgt_d", "tgt_e"]
-SEEDS = [0, 1, 2]
-METRICS = ["recall@5%", "rndcg@5%"]
-BASE = PreRecConfig(d=32, heads=2, negatives=32, max_len=20)  # paper variant and popularity options
-NO_POP = replace(BASE, use_popularity=False)
-CONFORMITY = 4.0  # gamma of the worlds with conformity (E1, E2a-c)
-
-
-@lru_cache(maxsize=8)
-def make_world(seed: int, gamma: float, sigma_d: float = 1.0, n_users: int = 4000, target_traffic: float = 1.0):
-    """(interactions, text vectors) of a world like configs/world_small.yaml, built in memory."""
-    cfg = WorldConfig(
-        out="memory://unused", seed=seed, progress=False,
-        domains=[DomainConfig("src_a", 600, 10.0), DomainConfig("src_b", 300, 4.0), DomainConfig("src_c", 150, 2.0),
-                 DomainConfig("tgt_d", 400, target_traffic), DomainConfig("tgt_e", 200, target_traffic)],
-        latent=LatentConfig(dim=8, domain_shift_sigma=sigma_d), users=UserConfig(n_users=n_users),
-        choice=ChoiceConfig(gamma=gamma),
-    )
-    cfg.sequences.n_days = 90
-    world = build_world(cfg)
-    blocks = [b.interactions for b in iter_blocks(world)]
-    it = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
-    names = np.array(world.domain_names, dtype=object)
-    inter = pa.table({"user_id": it["user_id"], "item_id": it["item_id"], "domain": names[it["domain"]],
-                      "timestamp": it["timestamp"]})
-    vecs = {}
-    for k, name in enumerate(world.domain_names):
-        lo, hi = int(world.item_start[k]), int(world.item_start[k + 1])
-        vecs[name] = (np.arange(lo, hi), item_text(world, k, lo, hi)[1])
-    return inter, ItemVectors(vecs)
-
-
-@dataclass
-class Run:
-    metrics: dict[str, float]  # zero-shot on TARGETS, mean over the two domains
-    model: PreRec
-    rows: pa.Table  # the target eval rows
-
-
-def pretrain_zero_shot(inter: pa.Table, text: ItemVectors, cfg: PreRecConfig, seed: int, steps: int = 300,
-                       batch_rows: int = 32, lr: float = 1e-3) -> Run:
-    """Pre-train on SOURCES, evaluate zero-shot on TARGETS."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    sizes = {d: len(text.catalogue(d)) for d in text.domains}
-    pop = PopularityIndex.from_table(inter, cfg.pop, sizes) if cfg.use_popularity else None
-    model = PreRec(cfg, SOURCES, text, pop)
-    ps = LocalPS()
-    for spec in model.sparse_tables():
-        ps.create_table(spec)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    seqs = build_sequences(inter)
-    src = seqs.filter(pc.is_in(seqs["domain"], pa.array(SOURCES)))
-    doms = np.asarray(src["domain"].to_pylist(), dtype=object)
-    for _ in range(steps):
-        batch = model.make_batch(src.take(domain_balanced_indices(doms, batch_rows, rng)), rng)
-        emb = pull_rows(ps, model.sparse_ids(batch))
-        loss = model(batch, emb)
-        opt.zero_grad()
-        loss.backward()
-        push_grads(ps, emb)
-        opt.step()
-    # Zero-shot: every target user's next-item samples; the target's own counts feed F (past days only).
-    tgt = seqs.filter(pc.is_in(seqs["domain"], pa.array(TARGETS)))
-    rows = eval_rows(tgt, cfg.max_len).sort_by([("domain", "ascending"), ("timestamp", "ascending")])
-    data = EvalSet(rows, {d: text.catalogue(d) for d in TARGETS})
-    result = evaluate(model.scorer(rows, ps.pull), data, EvalConfig(exclude_history=False, k_percents=[5.0]))
-    return Run({m: result.summary()["domain_mean"]["all"][m] for m in METRICS}, model, rows)
-
-
-_RUNS: dict[tuple, Run] = {}
-
-
-def trained(gamma: float, cfg: PreRecConfig, seed: int, **world: float) -> Run:
-    """`pretrain_zero_shot` on the world (seed, gamma, **world), once per module (training is deterministic)."""
-    key = (gamma, repr(cfg), seed, tuple(sorted(world.items())))
-    if key not in _RUNS:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small matmuls: one thread is faster on a shared 2-core machine
-        try:
-            _RUNS[key] = pretrain_zero_shot(*make_world(seed, gamma, **world), cfg, seed)
-        finally:
-            torch.set_num_threads(threads)
-    return _RUNS[key]
-
-
-def _compare(gamma: float, a: PreRecConfig, b: PreRecConfig, label: str, **world: float) -> dict[str, np.ndarray]:
-    """Per-seed differences a - b of the zero-shot metrics (printed as a table)."""
-    diffs = {m: [] for m in METRICS}
-    for seed in SEEDS:
-        ra, rb = trained(gamma, a, seed, **world).metrics, trained(gamma, b, seed, **world).metrics
-        print(f"{label} gamma={gamma} {world or ''} seed={seed} " + "  ".join(
-            f"{m}: {ra[m]:.4f} vs {rb[m]:.4f} ({ra[m] - rb[m]:+.4f})" for m in METRICS))
-        for m in METRICS:
-            diffs[m].append(ra[m] - rb[m])
-    return {m: np.array(v) for m, v in diffs.items()}
-
-
-def _summary(d: np.ndarray) -> tuple[float, float]:
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 @pytest.mark.slow
 def test_e1_prerec_beats_prerec_n_zero_shot_on_held_out_domains():
     """Domain shift + strong conformity (gamma = 4): debiased pre-training transfers better."""
-    diffs = _compare(CONFORMITY, BASE, BASE.prerec_n(), "PreRec vs PreRec_n")
+    diffs = compare(CONFORMITY, BASE, BASE.prerec_n(), "PreRec vs PreRec_n")
     for m, d in diffs.items():
-        mean, se = _summary(d)
+        mean, se = summary(d)
         print(f"  {m}: mean gain {mean:+.4f} +- {se:.4f} (SE)")
         assert (d > 0).all(), (m, d)
         assert mean > 2 * se, (m, mean, se)
@@ -165,18 +46,14 @@ def test_e1_prerec_beats_prerec_n_zero_shot_on_held_out_domains():
 
 def _pop_gain(gamma: float, cfg: PreRecConfig = BASE, **world: float) -> dict[str, np.ndarray]:
     """Per-seed zero-shot gain of f_pop: PreRec minus the same model without the popularity term."""
-    diffs = _compare(gamma, cfg, replace(cfg, use_popularity=False), "PreRec vs PreRec without f_pop", **world)
-    for m, d in diffs.items():
-        mean, se = _summary(d)
-        print(f"  gamma={gamma} {world or ''} {m}: mean gain of f_pop {mean:+.4f} +- {se:.4f} (SE)")
-    return diffs
+    return compare(gamma, cfg, replace(cfg, use_popularity=False), "PreRec vs PreRec without f_pop", **world)
 
 
 @pytest.mark.slow
 def test_e2a_removing_popularity_hurts_with_conformity():
     """gamma = 4: the zero-shot model without f_pop is worse on the targets (mean over seeds > 2 SE)."""
     for m, d in _pop_gain(CONFORMITY).items():
-        mean, se = _summary(d)
+        mean, se = summary(d)
         assert mean > 2 * se, (m, mean, se)
 
 
@@ -186,7 +63,7 @@ def test_e2b_control_without_conformity():
     that: it helps by as much as at gamma = 4 (E2d), because the target markets' own recent counts
     also carry their users' tastes (domain shift, and the users' own repeats in small markets)."""
     for m, d in _pop_gain(0.0).items():
-        mean, se = _summary(d)
+        mean, se = summary(d)
         assert mean > -2 * se, (m, mean, se)  # the spec's control
         assert mean > 2 * se, (m, mean, se)  # what the data show: f_pop helps without conformity too
 
@@ -207,12 +84,12 @@ def test_e2d_popularity_helps_more_with_conformity_than_without():
     conformity and little else (ISOLATED, SLIDING, gamma = 8), the gain is larger with conformity."""
     with_c, without = _pop_gain(CONFORMITY), _pop_gain(0.0)
     for m in METRICS:
-        mean, se = _summary(with_c[m] - without[m])
+        mean, se = summary(with_c[m] - without[m])
         print(f"  E1 world {m}: gain(gamma=4) - gain(gamma=0) {mean:+.4f} +- {se:.4f} (SE)")
     with_c, without = _pop_gain(STRONG, SLIDING, **ISOLATED), _pop_gain(0.0, SLIDING, **ISOLATED)
     for m in METRICS:
         d = with_c[m] - without[m]
-        mean, se = _summary(d)
+        mean, se = summary(d)
         print(f"  isolated world {m}: gain(gamma=8) - gain(gamma=0) per seed {np.round(d, 4).tolist()}, "
               f"mean {mean:+.4f} +- {se:.4f} (SE)")
         assert mean > 2 * se, (m, mean, se)

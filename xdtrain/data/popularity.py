@@ -15,6 +15,9 @@ or replicating the catalogue (more items) leaves F unchanged. Options (spec sec.
   normaliser "catalogue" (paper): average over the whole catalogue J_k, zero counts included;
              "nonzero" (code): average over the items with c > 0 in the window.
   widen_empty  (code) an empty window is widened back one day at a time until it is not.
+  scale      "power_mean" (the above); the spec's E3 alternatives, to test that normalising
+             matters: "count" (Method A) F_j = c_j in every dimension, "share" (Method B)
+             F_j = c_j / sum_i c_i, the item's share of the window's traffic, in every dimension.
 
 How it is computed, without a dense days x items tensor: interactions are streamed batch by
 batch into sparse daily counts (domain, item, day) -> count. Lookups read window counts as a
@@ -48,6 +51,7 @@ class PopFactorsConfig:
     alignment: Literal["interval", "sliding"] = "interval"
     normaliser: Literal["catalogue", "nonzero"] = "catalogue"
     widen_empty: bool = False
+    scale: Literal["power_mean", "count", "share"] = "power_mean"
     day_seconds: int = 86400  # timestamps are unix seconds; a day is one bucket
 
     def __post_init__(self) -> None:
@@ -57,6 +61,8 @@ class PopFactorsConfig:
             raise ValueError(f"popularity.alignment must be 'interval' or 'sliding', got {self.alignment!r}")
         if self.normaliser not in ("catalogue", "nonzero"):
             raise ValueError(f"popularity.normaliser must be 'catalogue' or 'nonzero', got {self.normaliser!r}")
+        if self.scale not in ("power_mean", "count", "share"):
+            raise ValueError(f"popularity.scale must be 'power_mean', 'count' or 'share', got {self.scale!r}")
 
 
 def days_of(timestamps: np.ndarray, day_seconds: int = 86400) -> np.ndarray:
@@ -98,10 +104,10 @@ class _Domain:
         (kp, kd), c = _aggregate((pos, days - self.day0), counts)
         self.keys = kp * self.span + kd  # sorted: item major, day minor
         self.cum = np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
-        self.lo, self.hi, self.norms = self._sweep(pos, days - self.day0, counts)
+        self.lo, self.hi, self.norms, self.totals = self._sweep(pos, days - self.day0, counts)
 
     def _sweep(self, pos: np.ndarray, rel_day: np.ndarray, counts: np.ndarray):
-        """Window bounds and normalisers s_1..s_W of every day row day0..dmax (relative days)."""
+        """Window bounds, normalisers s_1..s_W and total counts of every day row day0..dmax (relative days)."""
         cfg, W = self.cfg, self.cfg.window_days
         order = np.argsort(rel_day, kind="stable")
         pos, rel_day, counts = pos[order], rel_day[order], counts[order]
@@ -109,6 +115,7 @@ class _Domain:
         day_start = np.searchsorted(rel_day, np.arange(n_rows + 1))  # entries of relative day r
         lo, hi = np.zeros(n_rows, np.int64), np.zeros(n_rows, np.int64)
         norms = np.zeros((n_rows, cfg.orders))
+        totals = np.zeros(n_rows)
         running = np.zeros(len(self.item_ids), dtype=np.int64)  # c_j over the current sliding window
         last_active = -1  # latest relative day < r that has entries
         w = np.arange(1, cfg.orders + 1, dtype=np.float64)
@@ -130,10 +137,11 @@ class _Domain:
                 lo[r] = last_active
                 s, e = day_start[last_active], day_start[last_active + 1]
                 _, c = _aggregate((pos[s:e],), counts[s:e].astype(np.float64))
+            totals[r] = c.sum()
             if len(c):
                 denom = self.n_catalogue if cfg.normaliser == "catalogue" else len(c)
                 norms[r] = (np.power(c[:, None], w[None, :]).sum(0) / denom) ** (1.0 / w)
-        return lo, hi, norms
+        return lo, hi, norms, totals
 
     def _cum_before(self, p: np.ndarray, rel: np.ndarray) -> np.ndarray:
         """Interactions of active item positions p on relative days < rel."""
@@ -160,6 +168,10 @@ class _Domain:
     def norms_at(self, days: np.ndarray) -> np.ndarray:
         r = self.rows(days)
         return np.where((r >= 0)[..., None], self.norms[np.maximum(r, 0)], 0.0)
+
+    def totals_at(self, days: np.ndarray) -> np.ndarray:
+        r = self.rows(days)
+        return np.where(r >= 0, self.totals[np.maximum(r, 0)], 0.0)
 
 
 class PopularityIndex:
@@ -258,10 +270,20 @@ class PopularityIndex:
             return np.zeros((*np.shape(days), self.cfg.orders))
         return dm.norms_at(days)
 
+    def totals(self, domain: str, days: np.ndarray) -> np.ndarray:
+        """sum_i c_i: every interaction of the domain in the window before each day."""
+        dm = self._dom(domain)
+        return np.zeros(np.shape(days)) if dm is None else dm.totals_at(days)
+
     def factors(self, domain: str, items: np.ndarray, days: np.ndarray) -> np.ndarray:
         """F [..., orders] float32 for items at days (broadcast); all zero for an empty window."""
         items, days = np.broadcast_arrays(np.asarray(items, dtype=np.int64), np.asarray(days, dtype=np.int64))
         c = self.counts(domain, items, days).astype(np.float64)[..., None]
+        if self.cfg.scale == "count":
+            return np.repeat(c, self.cfg.orders, axis=-1).astype(np.float32)
+        if self.cfg.scale == "share":
+            s = np.repeat(self.totals(domain, days)[..., None], self.cfg.orders, axis=-1)
+            return np.where(s > 0, c / np.where(s > 0, s, 1.0), 0.0).astype(np.float32)
         s = self.norms(domain, days)
         return np.where(s > 0, c / np.where(s > 0, s, 1.0), 0.0).astype(np.float32)
 

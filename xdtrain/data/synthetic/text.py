@@ -33,7 +33,8 @@ def _word_directions(world: World) -> np.ndarray:
     return r.standard_normal((world.cfg.n_topics, world.cfg.text.words_per_topic, world.cfg.latent.dim))
 
 
-def _text_matrix(world: World) -> np.ndarray:
+def text_matrix(world: World) -> np.ndarray:
+    """A [vec_dim, L]: the planted map from item latents to text vectors, x_j = A g_j + noise."""
     r = stream(world.cfg, S_TEXT, 1 << 20)
     return r.standard_normal((world.cfg.text.vec_dim, world.cfg.latent.dim)) / np.sqrt(world.cfg.latent.dim)
 
@@ -61,6 +62,6 @@ def item_text(world: World, domain: int, lo: int, hi: int) -> tuple[pa.Array, np
 
     vec = None
     if tx.vec_dim:
-        vec = world.g[lo:hi] @ _text_matrix(world).T + tx.vec_noise * r.standard_normal((n, tx.vec_dim))
+        vec = world.g[lo:hi] @ text_matrix(world).T + tx.vec_noise * r.standard_normal((n, tx.vec_dim))
         vec = vec.astype(np.float32)
     return titles, vec
