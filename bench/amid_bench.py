@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import report_result, run_phase  # noqa: E402
+from bench.common import add_phase_args, report_result, run_engine, run_phase  # noqa: E402
 
 CONFIG = "configs/amid_ml1m.yaml"
 SIZE = ["model.d=32", "model.max_len=10", "model.layers=1", "model.heads=2", "train.batch_size=128"]
@@ -65,21 +65,8 @@ def phase_loop(args) -> dict:
 
 
 def phase_engine(args) -> dict:
-    import ray
-
-    from xdtrain.config import load_config
-    from xdtrain.train.config import EngineConfig
-    from xdtrain.train.engine import train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        over = [f"run_dir={tmp}/run", *SIZE, f"scale.workers={args.workers}", f"ps.backend={args.backend}",
-                f"ps.shards={args.shards}", f"train.epochs={args.epochs}", "train.log_every=1",
-                "train.progress=false", "export_embeddings=false", "train.patience=0"]
-        cfg = load_config(EngineConfig, CONFIG, over)
-        ray.init(num_cpus=max(2, args.workers), resources={"ps": 8.0, "trainer": 4.0}, include_dashboard=False,
-                 log_to_driver=False)
-        s = train(cfg)
-        recs = [json.loads(x) for x in Path(tmp, "run", "curves.jsonl").read_text().splitlines()]
+    s, recs = run_engine(CONFIG, [*SIZE, f"train.epochs={args.epochs}", "train.patience=0"], args.workers,
+                         args.backend, args.shards)
     rates: dict[str, list[float]] = {"O": [], "D": []}
     for r in recs:
         if r["kind"] == "train" and r.get("losses"):
@@ -92,10 +79,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--json", default="")
-    p.add_argument("--phase", default="", help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="local", help=argparse.SUPPRESS)
-    p.add_argument("--shards", type=int, default=1, help=argparse.SUPPRESS)
+    add_phase_args(p)
     args = p.parse_args()
     if args.phase:
         report_result(phase_loop(args) if args.phase == "loop" else phase_engine(args))

@@ -65,3 +65,38 @@ def print_ratio_table(results: dict[str, dict], metric: str, baseline: str, unit
     for name, r in results.items():
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
         print(f"{name:<28} {r[metric]:>20,.0f} {r[metric] / base:>8.3f} {rss:>13}")
+
+
+def add_phase_args(p) -> None:
+    """The hidden arguments a parent passes to an engine phase process (`run_engine`'s set-up)."""
+    import argparse
+
+    p.add_argument("--phase", default="", help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="local", help=argparse.SUPPRESS)
+    p.add_argument("--shards", type=int, default=1, help=argparse.SUPPRESS)
+
+
+def run_engine(config: str, overrides: list[str], workers: int, backend: str, shards: int) -> tuple[dict, list[dict]]:
+    """Train `config` on an embedded Ray (log every iteration, no progress bar, no export) with
+    `workers` Ray Train workers and a `backend` PS of `shards` shards: (the engine's summary,
+    its per-iteration curve records)."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from xdtrain.config import load_config
+    from xdtrain.train.config import EngineConfig
+    from xdtrain.train.engine import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        over = [f"run_dir={tmp}/run", *overrides, f"scale.workers={workers}", f"ps.backend={backend}",
+                f"ps.shards={shards}", "train.log_every=1", "train.progress=false", "export_embeddings=false"]
+        cfg = load_config(EngineConfig, config, over)
+        ray.init(num_cpus=max(2, workers), resources={"ps": 8.0, "trainer": 4.0}, include_dashboard=False,
+                 log_to_driver=False)
+        summary = train(cfg)
+        recs = [json.loads(x) for x in Path(tmp, "run", "curves.jsonl").read_text().splitlines()]
+    return summary, recs
+
