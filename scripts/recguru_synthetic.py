@@ -30,7 +30,7 @@ from xdtrain.nn.program import resolve_program
 from xdtrain.nn.sparse import Rows
 from xdtrain.ps import LocalPS
 from xdtrain.train.datasets import eval_subset
-from xdtrain.train.local_program import local_iteration
+from xdtrain.train.local_program import local_iteration, local_ps, run_iterations, set_phase_lr_scales
 from xdtrain.train.optimizers import OptimizerSet
 
 RUNS = {"recguru": {}, "autorec": {"variant": "autorec"}, "seqrec": {"variant": "seqrec"},
@@ -68,9 +68,7 @@ def run(world: tuple, seed: int, kw: dict, ft_epochs: int, report: dict, candida
     out, tables = world
     torch.manual_seed(seed)
     model = RecGuru(RecGuruConfig(**kw), dict(out.valid.catalogue), {k: t.num_rows for k, t in tables.items()}, seed)
-    ps = LocalPS(1)
-    for spec in model.sparse_tables():
-        ps.create_table(spec)
+    ps = local_ps(model)
     prog = resolve_program(model, **DEFAULTS)
     opts = OptimizerSet(model, prog.optimizers)
     rng = np.random.default_rng(seed)
@@ -91,6 +89,7 @@ def run(world: tuple, seed: int, kw: dict, ft_epochs: int, report: dict, candida
     best, losses = None, {}
     for ph in prog.phases:
         if ph.name == "finetune":
+            set_phase_lr_scales(ps, ph)
             per_epoch = max(1, tables[prog.streams["target"].dataset].num_rows // prog.streams["target"].batch_size)
             for epoch in range(ft_epochs):
                 for _ in range(per_epoch):
@@ -99,13 +98,7 @@ def run(world: tuple, seed: int, kw: dict, ft_epochs: int, report: dict, candida
                 if best is None or v["hr@10"] > best[0]["hr@10"]:
                     best = (v, metrics("test"), epoch)
             continue
-        it = 0
-        while it < ph.iterations:
-            for st in ph.steps:
-                for _ in range(st.repeat):
-                    b = {s: batch(s) for s in st.streams}
-                    losses = local_iteration(model, ps, opts, st, b if len(b) > 1 else next(iter(b.values())))
-                    it += 1
+        losses = run_iterations(model, ps, opts, prog, ph, tables, rng)
         if kw.get("variant", "recguru") == "recguru":
             report[f"probe_after_{ph.name}"] = probe(model, ps, tables, 300, seed)
             report[f"losses_end_{ph.name}"] = losses

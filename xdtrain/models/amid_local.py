@@ -20,7 +20,7 @@ from xdtrain.nn.program import resolve_program
 from xdtrain.ps import LocalPS
 from xdtrain.train.config import EvalSection
 from xdtrain.train.evaluation import RankingEval
-from xdtrain.train.local_program import run_epochs
+from xdtrain.train.local_program import local_ps, run_epochs
 
 METHODS = {  # the headline comparison (spec §10.1-7): model flags of each baseline
     "backbone": {"mim": False, "estimator": "none"},
@@ -38,10 +38,11 @@ def evaluator(data: EvalSet, candidates: str, seed: int) -> RankingEval:
 
 
 def metrics(model: Amid, ps: LocalPS, ev: RankingEval) -> dict[str, dict[str, float]]:
-    """{group: {hr@10, ndcg@10, count}} for groups all, overlap=true, overlap=false, and each
-    target domain's rows (group = the domain's name)."""
+    """{group: {hr@10, ndcg@10, count}} for groups all, overlap=true, overlap=false, each target
+    domain's rows (group = the domain's name) and each domain's overlap groups ("<domain>|overlap=false")."""
     res = next(iter(ev.results(model.scorer(ev.data.rows, ps.pull)).values())).summary()
-    groups = {**res["overall"], **{d: g["all"] for d, g in res["domains"].items()}}
+    groups = {**res["overall"], **{d: g["all"] for d, g in res["domains"].items()},
+              **{f"{d}|{k}": m for d, g in res["domains"].items() for k, m in g.items() if k != "all"}}
     return {g: {k: float(v) for k, v in m.items()} for g, m in groups.items()}
 
 
@@ -51,9 +52,7 @@ def fit_and_track(cfg: AmidConfig, rows: AmidRows, valid: EvalSet, test: EvalSet
     """Train one AMID variant for `epochs` phase epochs; [{"epoch", "valid", "test"}] per epoch."""
     torch.manual_seed(seed)
     model = Amid(cfg, domains, item_domains, seed)
-    ps = LocalPS(1)
-    for spec in model.sparse_tables():
-        ps.create_table(spec)
+    ps = local_ps(model)
     prog = resolve_program(model, batch_size=batch_size, epochs=epochs, patience=0, lr=cfg.lr,
                            betas=(0.9, 0.98), weight_decay=0.0)
     ev_valid, ev_test = evals or (evaluator(valid, candidates, seed), evaluator(test, candidates, seed))

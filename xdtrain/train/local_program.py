@@ -1,10 +1,13 @@
 """A training program in one process (world 1, an in-process PS): what a worker of the engine does
 per iteration, without Ray, for unit tests and CPU-sized experiments (scripts/, tests).
 
+    ps = local_ps(model)                                    # the model's tables, in process
     named = local_iteration(model, ps, opts, step, batch)   # forward, backward, step, push
     run_epochs(model, ps, prog, tables, rng, after_epoch)   # the phases of an epoch-counted program
+    run_iterations(model, ps, opts, prog, phase, tables, rng)  # one iteration-counted phase
 
-Not the engine: no streaming reader, checkpoints, prefetch or phase `ps_lr_scale`.
+Not the engine: no streaming reader, checkpoints or prefetch. A phase's `ps_lr_scale` is applied
+at its start, as the engine's worker does.
 """
 
 from __future__ import annotations
@@ -16,10 +19,49 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from xdtrain.nn.program import Program, Step
+from xdtrain.nn.program import Phase, Program, Step
 from xdtrain.nn.sparse import pull_rows, push_grads
+from xdtrain.ps import LocalPS
 from xdtrain.train.optimizers import OptimizerSet
 from xdtrain.train.worker import pick_loss
+
+
+def local_ps(model: torch.nn.Module) -> LocalPS:
+    """An in-process PS (one shard) holding the model's sparse tables."""
+    ps = LocalPS(1)
+    for spec in model.sparse_tables():
+        ps.create_table(spec)
+    return ps
+
+
+def set_phase_lr_scales(ps, phase: Phase) -> None:
+    """The phase's PS learning-rate scales; 1 for the tables it does not name (an earlier phase's
+    scale does not carry over)."""
+    for table in ps.tables():
+        ps.set_lr_scale(table, float(phase.ps_lr_scale.get(table, 1.0)))
+
+
+def run_iterations(model: torch.nn.Module, ps, opts: OptimizerSet, prog: Program, phase: Phase,
+                   tables: dict[str, pa.Table], rng: np.random.Generator) -> dict:
+    """An iteration-counted phase: its steps in order, each `repeat` times, until `phase.iterations`
+    iterations; each stream's batch drawn at random (no row twice in a batch). Returns the last
+    iteration's named losses."""
+    set_phase_lr_scales(ps, phase)
+
+    def batch(stream: str) -> dict:
+        t, size = tables[prog.streams[stream].dataset], prog.streams[stream].batch_size
+        return model.make_batch(t.take(rng.choice(t.num_rows, min(t.num_rows, size), replace=False)), rng,
+                                stream=stream)
+
+    model.train()
+    it, named = 0, {}
+    while it < phase.iterations:
+        for st in phase.steps:
+            for _ in range(st.repeat):
+                b = {s: batch(s) for s in st.streams}
+                named = local_iteration(model, ps, opts, st, b if len(b) > 1 else next(iter(b.values())))
+                it += 1
+    return named
 
 
 def local_iteration(model: torch.nn.Module, ps, opts: OptimizerSet, step: Step, batch: dict) -> dict:
@@ -70,7 +112,8 @@ def run_epochs(model: torch.nn.Module, ps, prog: Program, tables: dict[str, pa.T
     named: dict = {}
     for ph in prog.phases:
         if ph.iterations:
-            raise ValueError(f"run_epochs: phase {ph.name!r} counts iterations; only epoch-counted phases run here")
+            raise ValueError(f"run_epochs: phase {ph.name!r} counts iterations; run_iterations runs it")
+        set_phase_lr_scales(ps, ph)
         for epoch in range(ph.epochs):
             for st in ph.steps:
                 main = prog.main_stream(st)
