@@ -1,9 +1,10 @@
 """Spec §10.2-F: AMID end to end on the semi-synthetic open world (xdtrain/data/synthetic/open_world.py).
 
 The world's defining behaviour is fast (default suite); the learning test is slow: backbone, +MIM
-and +AMID (GRU4Rec, in one process: xdtrain/models/amid_local.py) over 3 seeds, test NDCG@10 at
-the best validation epoch. Its measured outcome is recorded in docs/amid.md: the spec's
-directions did not reproduce (the tests are expected failures, not strict).
+and +AMID (SASRec, in one process: xdtrain/models/amid_local.py) over 3 seeds, test NDCG@10 at
+the best validation epoch, after checking that the backbone learns the world at all (F0). Its
+measured outcome is recorded in docs/amid.md: F3 holds, F1 and F2 do not (expected failures, not
+strict).
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ def test_the_world_gives_amid_rows_with_few_overlapping_users():
 
 # ---------------------------------------------------------------- the learning test (slow)
 
-WORLD = dict(users=1500, overlap=0.15)
-MODEL = dict(backbone="gru4rec", d=16, max_len=10, layers=1, heads=2, dropout=0.1, lr=3e-3, lr2=3e-5, item_lr=3e-3)
-EPOCHS = 5
+# Sized so that the models learn: at 1,500 users and 5 epochs (about 25 iterations) every model stayed at
+# a random ranking's NDCG@10 (0.089 with 50 negatives), so the earlier gaps said nothing (docs/amid.md).
+WORLD = dict(users=5000, overlap=0.15, noise=0.1)
+MODEL = dict(backbone="sasrec", d=16, max_len=10, layers=1, heads=2, dropout=0.0, lr=1e-2, lr2=3e-5, item_lr=3e-2)
+EPOCHS = 40
+RANDOM_NDCG10 = sum(1 / np.log2(r + 2) for r in range(10)) / 51  # the target uniform among 51 candidates
 
 
 @functools.cache
-def non_overlapping_ndcg(method: str, aligned: bool, k_u: float, seed: int) -> float:
-    """Test NDCG@10 of non-overlapping users at the best validation epoch (50 fixed negatives)."""
+def group_metrics(method: str, aligned: bool, k_u: float, seed: int) -> dict:
+    """Test metrics per group at the best validation epoch (50 fixed negatives)."""
     torch.set_num_threads(1)
     w = OpenWorld(aligned=aligned, seed=seed, **WORLD)
     rows = rows_from_logs(open_world(w), AmidDataConfig(w.domains, k_u=k_u, seed=seed))
@@ -72,7 +76,12 @@ def non_overlapping_ndcg(method: str, aligned: bool, k_u: float, seed: int) -> f
     valid, test = (eval_set(getattr(rows, s), w.domains, cat, s) for s in ("valid", "test"))
     hist = fit_and_track(AmidConfig(**MODEL, **METHODS[method]), rows, valid, test, list(w.domains), cat,
                          "uniform:50", seed, EPOCHS, batch_size=128)
-    return pick(hist, "valid")["overlap=false"]["ndcg@10"]
+    return pick(hist, "valid")
+
+
+def non_overlapping_ndcg(method: str, aligned: bool, k_u: float, seed: int) -> float:
+    """Test NDCG@10 of non-overlapping users at the best validation epoch."""
+    return group_metrics(method, aligned, k_u, seed)["overlap=false"]["ndcg@10"]
 
 
 def mean_gain(a: str, b: str, aligned: bool, k_u: float) -> float:
@@ -80,8 +89,17 @@ def mean_gain(a: str, b: str, aligned: bool, k_u: float) -> float:
                           for s in SEEDS]))
 
 
-# Measured (docs/amid.md, 3 seeds): none of F1-F3 holds in this world; every gap is within about
-# ±0.008 NDCG@10, the noise of 3 seeds. Kept as the spec's expectations, not as passing claims.
+@pytest.mark.slow
+def test_f0_the_backbone_learns_the_world():
+    """Without this the F checks compare untrained models."""
+    ndcg = float(np.mean([group_metrics("backbone", True, 0.25, s)["all"]["ndcg@10"] for s in SEEDS]))
+    print(f"F0 backbone, all test users NDCG@10 ({len(SEEDS)} seeds): {ndcg:.4f} (random {RANDOM_NDCG10:.4f})")
+    assert ndcg > RANDOM_NDCG10 + 0.05
+
+
+# Measured (docs/amid.md, 3 seeds, trained models): F1 and F2 do not hold here (MIM lowers
+# non-overlapping users' NDCG@10 by 0.04-0.05 in both worlds; AMID - MIM is -0.016 at K_u 25%, +0.018
+# at 75%); F3 holds. Kept as the spec's expectations, not as passing claims.
 NOT_REPRODUCED = pytest.mark.xfail(strict=False, reason="not reproduced here (docs/amid.md, spec test F)")
 
 
@@ -103,7 +121,6 @@ def test_f2_amid_gains_more_over_mim_at_k_u_25_than_at_75():
 
 
 @pytest.mark.slow
-@NOT_REPRODUCED
 def test_f3_every_model_improves_as_k_u_rises():
     lifts = {m: float(np.mean([non_overlapping_ndcg(m, True, 0.75, s) - non_overlapping_ndcg(m, True, 0.25, s)
                                for s in SEEDS])) for m in ("backbone", "mim", "amid")}

@@ -26,28 +26,37 @@ class OpenWorld:
     users: int = 2000
     overlap: float = 0.15  # share of users with history in both domains
     clusters: int = 8
-    items_per_cluster: int = 15  # per domain
+    items_per_cluster: int | tuple[int, int] = 15  # per domain (one value: both)
     alpha: float = 0.2  # Dirichlet concentration of π_u (small: one or two dominant interests)
     stay: float = 0.6  # probability the chain keeps its cluster
     noise: float = 0.2  # probability of a uniformly random item of the domain
     len_overlap: tuple[int, int] = (10, 20)  # sequence length ranges (inclusive)
     len_single: tuple[int, int] = (5, 8)
+    single_share: float = 0.5  # probability that a one-domain user's domain is the first
     aligned: bool = True  # False: the domains' mixtures are independent (the control world)
     seed: int = 0
 
 
+def per_cluster(cfg: OpenWorld, domain: int) -> int:
+    """Items per cluster in `domain` (0 or 1)."""
+    ipc = cfg.items_per_cluster
+    return int(ipc if isinstance(ipc, int) else ipc[domain])
+
+
 def item_ids(cfg: OpenWorld, domain: int) -> np.ndarray:
     """Domain `domain`'s item ids (domain 1 from 1, domain 2 from 100001), cluster-major: item k of
-    cluster c is id base + c * items_per_cluster + k."""
-    return np.arange(cfg.clusters * cfg.items_per_cluster, dtype=np.int64) + (1 if domain == 0 else 100_001)
+    cluster c is id base + c * per_cluster + k."""
+    return np.arange(cfg.clusters * per_cluster(cfg, domain), dtype=np.int64) + (1 if domain == 0 else 100_001)
 
 
 def cluster_of(cfg: OpenWorld, item: np.ndarray) -> np.ndarray:
     item = np.asarray(item, dtype=np.int64)
-    return (np.where(item > 100_000, item - 100_001, item - 1)) // cfg.items_per_cluster
+    second = item > 100_000
+    return np.where(second, (item - 100_001) // per_cluster(cfg, 1), (item - 1) // per_cluster(cfg, 0))
 
 
 def _sequence(rng: np.random.Generator, cfg: OpenWorld, pi: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    ipc = len(ids) // cfg.clusters
     out = np.empty(n, dtype=np.int64)
     c = int(rng.choice(cfg.clusters, p=pi))
     for t in range(n):
@@ -56,7 +65,7 @@ def _sequence(rng: np.random.Generator, cfg: OpenWorld, pi: np.ndarray, ids: np.
         if rng.random() < cfg.noise:
             out[t] = ids[rng.integers(len(ids))]
         else:
-            out[t] = ids[c * cfg.items_per_cluster + rng.integers(cfg.items_per_cluster)]
+            out[t] = ids[c * ipc + rng.integers(ipc)]
     return out
 
 
@@ -69,7 +78,7 @@ def open_world(cfg: OpenWorld) -> pa.Table:
         pi = rng.dirichlet(np.full(cfg.clusters, cfg.alpha))
         pis = [pi, pi if cfg.aligned else rng.dirichlet(np.full(cfg.clusters, cfg.alpha))]
         both = rng.random() < cfg.overlap
-        doms = [0, 1] if both else [int(rng.integers(2))]
+        doms = [0, 1] if both else [0 if rng.random() < cfg.single_share else 1]
         lo, hi = cfg.len_overlap if both else cfg.len_single
         t = 0
         for z in doms:
