@@ -105,12 +105,29 @@ def interactions(cfg: EngineConfig) -> pa.Table:
         return load_interactions(cfg.data, Path(tmp)).table
 
 
-def build_data(inter: pa.Table, cfg: EngineConfig, overlap: float, seed: int, users: int) -> dict:
+def thin_target(inter: pa.Table, target: str, last: int) -> pa.Table:
+    """Each user's `last` most recent interactions in `target` (a sparse target: short histories);
+    the other domains untouched."""
+    in_target = pc.equal(pc.cast(inter["domain"], pa.string()), target).to_numpy(zero_copy_only=False)
+    t = inter.filter(pa.array(in_target))
+    users, ts = t["user_id"].to_numpy(), t["timestamp"].to_numpy()
+    order = np.lexsort((-ts, users))  # by user, newest first
+    u = users[order]
+    starts = np.r_[0, np.flatnonzero(u[1:] != u[:-1]) + 1]
+    rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.r_[starts, len(u)]))
+    return pa.concat_tables([inter.filter(pa.array(~in_target)), t.take(order[rank < last])])
+
+
+def build_data(inter: pa.Table, cfg: EngineConfig, overlap: float, seed: int, users: int,
+               target_last: int = 0) -> dict:
     """The split of one (overlap, seed): train tables by dataset name, both domains' catalogues, the
-    target's valid / test EvalSets, stats."""
+    target's valid / test EvalSets, stats. `target_last` > 0 keeps each user's last that many
+    target-domain interactions (`thin_target`)."""
     d = cfg.data
     dom = pc.cast(inter["domain"], pa.string())
     inter = inter.filter(pc.is_in(dom, pa.array(list(d.train_domains), pa.string())))
+    if target_last:
+        inter = thin_target(inter, cfg.model.get("target") or cfg.model["domains"][0], target_last)
     if users:
         ids = np.unique(inter["user_id"].to_numpy())
         keep = np.random.default_rng([seed, users]).choice(ids, min(users, len(ids)), replace=False)
@@ -122,7 +139,7 @@ def build_data(inter: pa.Table, cfg: EngineConfig, overlap: float, seed: int, us
     target = cfg.model.get("target") or cfg.model["domains"][0]
     valid, test = (eval_subset(s, [target]) for s in (out.valid, out.test))
     stats = {k: v for k, v in out.stats.items() if isinstance(v, (int, float, str))}
-    stats.update(valid_rows=valid.num_rows, test_rows=test.num_rows, users_subsample=users,
+    stats.update(valid_rows=valid.num_rows, test_rows=test.num_rows, users_subsample=users, target_last=target_last,
                  target_items=int(len(valid.catalogue[target])))
     return {"train": train, "catalogue": dict(out.valid.catalogue), "valid": valid, "test": test,
             "target": target, "stats": stats}
@@ -313,7 +330,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> None:
                 continue
             t0 = time.time()
             inter = interactions(cfg) if inter is None else inter
-            data = build_data(inter, cfg, overlap, seed, args.users)
+            data = build_data(inter, cfg, overlap, seed, args.users, args.target_last)
             ev_valid, ev_test, clamped = evaluators(cfg, data["valid"], data["test"], seed)
             cands = {c.partition(":")[0]: c for c in ev_valid.cfg.candidates}
             print(f"[recguru_table] overlap {overlap} seed {seed}: data {time.time() - t0:.0f} s, "
@@ -446,6 +463,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--users", type=int, default=0, help="seeded subsample of this many users (0 = all)")
+    ap.add_argument("--target-last", type=int, default=0,
+                    help="keep each user's last N target-domain interactions: a sparse target (0 = all)")
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=50)
     ap.add_argument("--layers", type=int, default=1)

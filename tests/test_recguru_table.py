@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from scripts import recguru_table as rt
@@ -105,3 +106,11 @@ def test_sampled_candidates_fall_back_to_the_largest_feasible_count(tmp_path):
             assert "left to sample" in str(e)
             fails += 1
     assert fails >= 1
+
+
+def test_thin_target_keeps_each_users_latest_target_items_only():
+    inter = pa.table({"user_id": [1, 1, 1, 1, 2, 2, 1], "item_id": [10, 11, 12, 13, 10, 14, 90],
+                      "domain": ["T", "T", "T", "T", "T", "T", "S"], "timestamp": [5, 1, 9, 3, 2, 8, 0]})
+    out = rt.thin_target(inter, "T", 2)
+    got = sorted(zip(out["user_id"].to_pylist(), out["item_id"].to_pylist()))
+    assert got == [(1, 10), (1, 12), (1, 90), (2, 10), (2, 14)]  # user 1's two latest (t 9, 5), the source kept
