@@ -7,7 +7,8 @@ its program (xdtrain/models/recguru.py) through `local_iteration` and evaluated 
 epoch are reported. RecGURU also reports the domain probe (logistic regression on h_a vs h_b, 70/30)
 after phase 1 and after phase 2.
 
-    python scripts/recguru_synthetic.py --overlaps 0.1 0.5 --seeds 0 1 2 --out docs/results/recguru_synthetic.json
+    python scripts/recguru_synthetic.py --overlaps 0.1 0.5 --seeds 0 1 2 --out runs/recguru_synthetic.json
+    python scripts/recguru_synthetic.py --table runs/recguru_synthetic.json   # mean ± std, paired t-tests
 """
 
 from __future__ import annotations
@@ -106,6 +107,40 @@ def run(world: tuple, seed: int, kw: dict, ft_epochs: int, report: dict, candida
     return report
 
 
+def table(results: list[dict]) -> str:
+    """Markdown: test metrics (%) per overlap and run, mean ± std over seeds, the probe after phase 2;
+    then RecGURU minus AutoRec and minus the ablation, paired over seeds (scipy.stats.ttest_rel)."""
+    from scipy.stats import ttest_rel
+
+    metrics = [f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)]
+    by = {}
+    for r in results:
+        by.setdefault((r["overlap"], r["run"]), {})[r["seed"]] = r
+    lines = ["| overlap | run | seeds | " + " | ".join(m.upper() for m in metrics) + " | probe after ph. 2 |",
+             "|---" * (len(metrics) + 4) + "|"]
+    for (ov, run), rs in sorted(by.items()):
+        cells = []
+        for m in metrics:
+            v = 100 * np.array([r["test"][m] for r in rs.values()])
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f}")
+        probes = [r["probe_after_adversarial"] for r in rs.values() if "probe_after_adversarial" in r]
+        probe = f"{np.mean(probes):.2f}" if probes else "-"
+        lines.append(f"| {ov:.0%} | {run} | {len(rs)} | " + " | ".join(cells) + f" | {probe} |")
+    lines += ["", "| overlap | RecGURU minus | metric | per seed | mean | p (paired t) |", "|---|---|---|---|---|---|"]
+    for ov in sorted({k[0] for k in by}):
+        for other in ("autorec", "no_adv_no_l2"):
+            a, b = by.get((ov, "recguru"), {}), by.get((ov, other), {})
+            seeds = sorted(set(a) & set(b))
+            for m in ("hr@10", "ndcg@10"):
+                d = [100 * (a[s]["test"][m] - b[s]["test"][m]) for s in seeds]
+                p = ttest_rel([a[s]["test"][m] for s in seeds], [b[s]["test"][m] for s in seeds]).pvalue \
+                    if len(seeds) > 1 else float("nan")
+                if seeds:
+                    lines.append(f"| {ov:.0%} | {other} | {m.upper()} | {' / '.join(f'{x:+.2f}' for x in d)} | "
+                                 f"{np.mean(d):+.2f} | {p:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--overlaps", type=float, nargs="+", default=[0.0, 0.1, 0.5])
@@ -121,7 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--set", nargs="*", default=[], help="model config overrides, e.g. adv_lr=1e-4 l2_form=mse")
     ap.add_argument("--threads", type=int, default=1)  # more intra-op threads are slower at these sizes
+    ap.add_argument("--table", default="", help="print the Markdown tables of an --out file and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return
     torch.set_num_threads(args.threads)
     base = dict(d=args.d, max_len=40, layers=1, heads=2, ffn=64, dropout=0.2, batch_size=128, job="all",
                 pretrain_steps=args.pretrain_steps, adv_iterations=args.adv_iterations, domains=["a", "b"],
