@@ -194,15 +194,8 @@ def nested(flat: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 class TargetSeqRec(SeqRec):
-    """The `seqrec` model on one domain: the keywords `local_iteration` and `run_epochs` pass
-    (`make_batch(stream=)`, `forward(step=)`), and eval rows that read their own domain's history only
-    (the catalogue is that domain's, as RecGURU's scorer reads its domain only)."""
-
-    def make_batch(self, rows: pa.Table, rng: np.random.Generator, stream: str = "") -> dict:
-        return super().make_batch(rows, rng)
-
-    def forward(self, batch: dict, emb: dict, step: str = "") -> torch.Tensor:
-        return super().forward(batch, emb)
+    """The `seqrec` model on one domain: eval rows read their own domain's history only (the
+    catalogue is that domain's, as RecGURU's scorer reads its domain only)."""
 
     def scorer(self, rows: pa.Table, pull):
         dom, hdom = rows["domain"].to_pylist(), rows["history_domains"].to_pylist()

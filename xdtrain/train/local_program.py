@@ -23,6 +23,7 @@ from xdtrain.nn.program import Phase, Program, Step
 from xdtrain.nn.sparse import pull_rows, push_grads
 from xdtrain.ps import LocalPS
 from xdtrain.train.optimizers import OptimizerSet
+from xdtrain.train.streams import accepts
 from xdtrain.train.worker import pick_loss
 
 
@@ -50,8 +51,7 @@ def run_iterations(model: torch.nn.Module, ps, opts: OptimizerSet, prog: Program
 
     def batch(stream: str) -> dict:
         t, size = tables[prog.streams[stream].dataset], prog.streams[stream].batch_size
-        return model.make_batch(t.take(rng.choice(t.num_rows, min(t.num_rows, size), replace=False)), rng,
-                                stream=stream)
+        return make_batch(model, t.take(rng.choice(t.num_rows, min(t.num_rows, size), replace=False)), rng, stream)
 
     model.train()
     it, named = 0, {}
@@ -64,11 +64,19 @@ def run_iterations(model: torch.nn.Module, ps, opts: OptimizerSet, prog: Program
     return named
 
 
+def make_batch(model: torch.nn.Module, rows: pa.Table, rng: np.random.Generator, stream: str) -> dict:
+    """`model.make_batch`, told the stream when it takes one (as the engine's readers do)."""
+    if accepts(model.make_batch, "stream"):
+        return model.make_batch(rows, rng, stream=stream)
+    return model.make_batch(rows, rng)
+
+
 def local_iteration(model: torch.nn.Module, ps, opts: OptimizerSet, step: Step, batch: dict) -> dict:
     """One iteration of `step`: pull, forward, backward, step its optimizer, push its tables' rows.
     Returns the named losses (detached floats)."""
     emb = pull_rows(ps, model.sparse_ids(batch))
-    loss, named = pick_loss(model(batch, emb, step=step.label), step)
+    out = model(batch, emb, step=step.label) if accepts(model.forward, "step") else model(batch, emb)
+    loss, named = pick_loss(out, step)
     opts.zero_grad()
     loss.backward()
     opt = opts[step.optimizer]
@@ -122,7 +130,7 @@ def run_epochs(model: torch.nn.Module, ps, prog: Program, tables: dict[str, pa.T
                     cur.order, cur.pos = rng.permutation(cur.table.num_rows), 0
                     while (rows := cur.next()) is not None:
                         t0 = time.perf_counter()
-                        b = {s: model.make_batch(rows if s == main else cursors[s].next_cycling(), rng, stream=s)
+                        b = {s: make_batch(model, rows if s == main else cursors[s].next_cycling(), rng, s)
                              for s in st.streams}
                         model.train()
                         named = local_iteration(model, ps, opts, st, b if len(b) > 1 else b[main])
