@@ -31,7 +31,7 @@ from xdtrain.nn.program import resolve_program
 from xdtrain.nn.sparse import Rows
 from xdtrain.ps import LocalPS
 from xdtrain.train.datasets import eval_subset
-from xdtrain.train.local_program import local_iteration, local_ps, run_iterations, set_phase_lr_scales
+from xdtrain.train.local_program import local_iteration, local_ps, random_batch, run_iterations, set_phase_lr_scales
 from xdtrain.train.optimizers import OptimizerSet
 
 RUNS = {"recguru": {}, "autorec": {"variant": "autorec"}, "seqrec": {"variant": "seqrec"},
@@ -77,11 +77,6 @@ def run(world: tuple, seed: int, kw: dict, ft_epochs: int, report: dict, candida
     ec = EvalConfig(candidates=candidates, tie_policy="pessimistic", ks=[5, 10, 20])
     cands = {n: prepare_candidates(s, ec.spec()) for n, s in (("valid", valid), ("test", test))}
 
-    def batch(stream: str) -> dict:
-        t = tables[prog.streams[stream].dataset]
-        idx = rng.choice(t.num_rows, min(t.num_rows, prog.streams[stream].batch_size), replace=False)
-        return model.make_batch(t.take(idx), rng, stream=stream)
-
     def metrics(split: str) -> dict:
         s = valid if split == "valid" else test
         res = evaluate(model.scorer(s.rows, ps.pull), s, ec, cands[split]).summary()
@@ -94,7 +89,7 @@ def run(world: tuple, seed: int, kw: dict, ft_epochs: int, report: dict, candida
             per_epoch = max(1, tables[prog.streams["target"].dataset].num_rows // prog.streams["target"].batch_size)
             for epoch in range(ft_epochs):
                 for _ in range(per_epoch):
-                    local_iteration(model, ps, opts, ph.steps[0], batch("target"))
+                    local_iteration(model, ps, opts, ph.steps[0], random_batch(model, prog, tables, rng, "target"))
                 v = metrics("valid")
                 if best is None or v["hr@10"] > best[0]["hr@10"]:
                     best = (v, metrics("test"), epoch)

@@ -68,7 +68,7 @@ from xdtrain.config import load_config
 from xdtrain.data.recipes import InteractionsSource, LocalRecipe
 from xdtrain.data.two_domain import resample_overlap
 from xdtrain.eval.baselines import PopularityScorer
-from xdtrain.eval.candidates import CandidateSpec, EvalSet
+from xdtrain.eval.candidates import CandidateSpec, EvalSet, max_negatives
 from xdtrain.models import model_config
 from xdtrain.models.recguru import RecGuru
 from xdtrain.models.seqrec import SeqRec, SeqRecConfig
@@ -145,23 +145,6 @@ def build_data(inter: pa.Table, cfg: EngineConfig, overlap: float, seed: int, us
             "target": target, "stats": stats}
 
 
-def feasible_negatives(data: EvalSet, mode: str) -> int:
-    """The most negatives every row can draw under `mode` (uniform: catalogue items; popularity: items
-    with a training count), its positives and (the candidates' default) its history excluded."""
-    best = None
-    for dom, rows in data.domain_rows().items():
-        N = len(data.catalogue[dom])
-        usable = np.ones(N, bool) if mode == "uniform" else np.asarray(data.item_counts[dom]) > 0
-        excl = np.concatenate([data.index_of(dom, data.positives(rows).ravel()).reshape(len(rows), -1),
-                               data.index_of(dom, data.history(rows).ravel()).reshape(len(rows), -1)], 1)
-        owner = np.repeat(np.arange(len(rows)), excl.shape[1])
-        keys = np.unique(owner[excl.ravel() >= 0] * N + excl.ravel()[excl.ravel() >= 0])
-        taken = np.bincount(keys[usable[keys % N]] // N, minlength=len(rows))
-        n = int(usable.sum() - taken.max())
-        best = n if best is None else min(best, n)
-    return max(0, best or 0)
-
-
 def evaluators(cfg: EngineConfig, valid: EvalSet, test: EvalSet, seed: int) -> tuple[RankingEval, RankingEval, dict]:
     """Valid and test rankings of every `eval.candidates` mode (negatives fixed by `seed`), with N of a
     sampled mode lowered to what every row of both splits allows; {kind: {asked, used}} of the lowered."""
@@ -169,7 +152,7 @@ def evaluators(cfg: EngineConfig, valid: EvalSet, test: EvalSet, seed: int) -> t
     for text in cfg.eval.candidates:
         spec = CandidateSpec.parse(text)
         if spec.mode != "full":
-            n = min(spec.n, *(feasible_negatives(s, spec.mode) for s in (valid, test)))
+            n = min(spec.n, *(max_negatives(s, spec) for s in (valid, test)))
             if n < 1:
                 raise SystemExit(f"{text}: some eval row has no item left to draw a negative from")
             if n < spec.n:

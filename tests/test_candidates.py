@@ -14,6 +14,7 @@ from xdtrain.eval.candidates import (
     EvalSet,
     _draw_rows,
     load_candidates,
+    max_negatives,
     prepare_candidates,
     sample_candidates,
     save_candidates,
@@ -42,6 +43,16 @@ def test_candidates_exclude_positive_and_history(mode):
         if spec.mode == "popularity":  # never an item without interactions
             counts = data.item_counts[doms[r]][data.index_of(doms[r], negs[r])]
             assert (counts > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["uniform", "popularity"])
+def test_max_negatives_is_the_largest_count_every_row_can_draw(mode):
+    data = make_set(rows=300, multi=True, counts=True)
+    n = max_negatives(data, CandidateSpec(mode, 1))
+    assert n > 0
+    sample_candidates(data, CandidateSpec(mode, n))
+    with pytest.raises(DataError, match="left to sample"):
+        sample_candidates(data, CandidateSpec(mode, n + 1))
 
 
 def test_same_seed_same_candidates_other_seed_differs():

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +28,6 @@ pytestmark = pytest.mark.slow
 @functools.cache
 def results(overlap: float, runs: tuple[str, ...]) -> dict[tuple[str, int], dict]:
     """{(run, seed): record} of one overlap rate (cached across the tests of a session)."""
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "out.json")
         recguru_synthetic.main(["--overlaps", str(overlap), "--seeds", *map(str, SEEDS), "--runs", *runs,

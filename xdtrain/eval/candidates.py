@@ -328,6 +328,38 @@ def _draw_rows(
     return out
 
 
+def _draw_pool(data: EvalSet, spec: CandidateSpec, d: str, rows: np.ndarray
+               ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """What the rows `rows` of domain `d` draw from under `spec`: (item weights, None when uniform;
+    the sorted excluded keys local_row * N + item, i.e. the positives and, by default, the history;
+    per row, how many items are left to draw)."""
+    N = len(data.catalogue[d])
+    weights = None
+    if spec.mode == "popularity":
+        if data.item_counts is None or d not in data.item_counts:
+            raise DataError(f"{data.name}: popularity candidates need item counts for domain '{d}'")
+        counts = np.asarray(data.item_counts[d], dtype=np.float64)
+        if counts.shape != (N,) or (counts < 0).any():
+            raise DataError(f"{data.name}: item counts of domain '{d}' must be {N} non-negative values")
+        weights = counts**spec.pop_exponent * (counts > 0)
+    excl = data.index_of(d, data.positives(rows).ravel()).reshape(len(rows), -1)
+    if spec.exclude_history:
+        excl = np.concatenate([excl, data.index_of(d, data.history(rows).ravel()).reshape(len(rows), -1)], 1)
+    local = np.repeat(np.arange(len(rows), dtype=np.int64), excl.shape[1])
+    flat = excl.ravel()
+    keys = np.unique(local[flat >= 0] * N + flat[flat >= 0])
+    # Items left per row: (positive-weight) items minus the excluded ones.
+    n_items = N if weights is None else int((weights > 0).sum())
+    usable = np.ones(len(keys), dtype=bool) if weights is None else weights[keys % N] > 0
+    return weights, keys, n_items - np.bincount(keys[usable] // N, minlength=len(rows))
+
+
+def max_negatives(data: EvalSet, spec: CandidateSpec) -> int:
+    """The most negatives every row of `data` can draw under `spec` (its `n` ignored)."""
+    free = [_draw_pool(data, spec, d, rows)[2].min() for d, rows in data.domain_rows().items() if len(rows)]
+    return int(min(free)) if free else 0
+
+
 def sample_candidates(data: EvalSet, spec: CandidateSpec, block: int = 2048) -> Candidates:
     """Draw `spec.n` negatives per row (see the module docstring); deterministic in spec.seed."""
     if spec.mode == "full":
@@ -339,28 +371,8 @@ def sample_candidates(data: EvalSet, spec: CandidateSpec, block: int = 2048) -> 
         N = len(cat)
         # One generator per domain, so a domain's candidates do not depend on the other domains.
         rng = np.random.default_rng([spec.seed, zlib.crc32(d.encode())])
-        weights = cdf = None
-        if spec.mode == "popularity":
-            if data.item_counts is None or d not in data.item_counts:
-                raise DataError(f"{data.name}: popularity candidates need item counts for domain '{d}'")
-            counts = np.asarray(data.item_counts[d], dtype=np.float64)
-            if counts.shape != (N,) or (counts < 0).any():
-                raise DataError(f"{data.name}: item counts of domain '{d}' must be {N} non-negative values")
-            weights = counts**spec.pop_exponent * (counts > 0)
-            cdf = np.cumsum(weights)
-        # Excluded (row, item) pairs as keys local_row * N + item: the positives, and the history.
-        excl = data.index_of(d, data.positives(rows).ravel()).reshape(len(rows), -1)
-        if spec.exclude_history:
-            excl = np.concatenate(
-                [excl, data.index_of(d, data.history(rows).ravel()).reshape(len(rows), -1)], 1
-            )
-        local = np.repeat(np.arange(len(rows), dtype=np.int64), excl.shape[1])
-        flat = excl.ravel()
-        keys = np.unique(local[flat >= 0] * N + flat[flat >= 0])
-        # Items left to draw from, per row: (positive-weight) items minus the excluded ones.
-        n_items = N if weights is None else int((weights > 0).sum())
-        usable = np.ones(len(keys), dtype=bool) if weights is None else weights[keys % N] > 0
-        free = n_items - np.bincount(keys[usable] // N, minlength=len(rows))
+        weights, keys, free = _draw_pool(data, spec, d, rows)
+        cdf = None if weights is None else np.cumsum(weights)
         if (free < n).any():
             j = int(np.nonzero(free < n)[0][0])
             what = "items" if weights is None else "items with a non-zero count"

@@ -12,6 +12,7 @@ at its start, as the engine's worker does.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -48,25 +49,33 @@ def run_iterations(model: torch.nn.Module, ps, opts: OptimizerSet, prog: Program
     iterations; each stream's batch drawn at random (no row twice in a batch). Returns the last
     iteration's named losses."""
     set_phase_lr_scales(ps, phase)
-
-    def batch(stream: str) -> dict:
-        t, size = tables[prog.streams[stream].dataset], prog.streams[stream].batch_size
-        return make_batch(model, t.take(rng.choice(t.num_rows, min(t.num_rows, size), replace=False)), rng, stream)
-
     model.train()
     it, named = 0, {}
     while it < phase.iterations:
         for st in phase.steps:
             for _ in range(st.repeat):
-                b = {s: batch(s) for s in st.streams}
+                b = {s: random_batch(model, prog, tables, rng, s) for s in st.streams}
                 named = local_iteration(model, ps, opts, st, b if len(b) > 1 else next(iter(b.values())))
                 it += 1
     return named
 
 
+def random_batch(model: torch.nn.Module, prog: Program, tables: dict[str, pa.Table], rng: np.random.Generator,
+                 stream: str) -> dict:
+    """A batch of `stream` drawn at random from its dataset (no row twice)."""
+    t, size = tables[prog.streams[stream].dataset], prog.streams[stream].batch_size
+    return make_batch(model, t.take(rng.choice(t.num_rows, min(t.num_rows, size), replace=False)), rng, stream)
+
+
+@functools.cache
+def _takes(cls: type, method: str, keyword: str) -> bool:
+    """Whether `cls.method` takes `keyword` (asked once per model class, not per iteration)."""
+    return accepts(getattr(cls, method), keyword)
+
+
 def make_batch(model: torch.nn.Module, rows: pa.Table, rng: np.random.Generator, stream: str) -> dict:
     """`model.make_batch`, told the stream when it takes one (as the engine's readers do)."""
-    if accepts(model.make_batch, "stream"):
+    if _takes(type(model), "make_batch", "stream"):
         return model.make_batch(rows, rng, stream=stream)
     return model.make_batch(rows, rng)
 
@@ -75,7 +84,7 @@ def local_iteration(model: torch.nn.Module, ps, opts: OptimizerSet, step: Step, 
     """One iteration of `step`: pull, forward, backward, step its optimizer, push its tables' rows.
     Returns the named losses (detached floats)."""
     emb = pull_rows(ps, model.sparse_ids(batch))
-    out = model(batch, emb, step=step.label) if accepts(model.forward, "step") else model(batch, emb)
+    out = model(batch, emb, step=step.label) if _takes(type(model), "forward", "step") else model(batch, emb)
     loss, named = pick_loss(out, step)
     opts.zero_grad()
     loss.backward()
