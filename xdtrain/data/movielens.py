@@ -283,7 +283,9 @@ def k_core(inter: pa.Table, k: int, iterate: bool = True) -> tuple[pa.Table, int
     """
     if k <= 1:
         return inter, 0
-    u, i = inter["user_id"].to_numpy(), inter["item_id"].to_numpy()
+    # dense codes: ids may be 63-bit hashes
+    u = np.unique(inter["user_id"].to_numpy(), return_inverse=True)[1].reshape(-1)
+    i = np.unique(inter["item_id"].to_numpy(), return_inverse=True)[1].reshape(-1)
     keep = np.ones(len(u), dtype=bool)
     passes = 0
     while True:

@@ -191,24 +191,35 @@ class Split:
             return build_sequences(self.train(), extra_columns=[], by_domain=True)
         return build_sequences(self.train(), extra_columns=["domain"] if with_domains else [], by_domain=False)
 
-    def eval_sets(self, max_history: int = 0, recipe: str = "") -> tuple[EvalSet, EvalSet]:
-        """Valid and test eval sets; their row counts go to `stats`."""
-        counts = count_items(self.train(), self.catalogue)  # popularity:N candidates, the POP baseline
-        out = []
+    def eval_rows(self, max_history: int = 0) -> dict[str, pa.Table]:
+        """{"valid", "test"}: the eval rows of targets with a history; their row counts go to `stats`."""
+        out = {}
         for part, label in (("valid", VALID), ("test", TEST)):
             targets = np.flatnonzero(self.part == label)
             has_history = self.start[targets] < targets
             self.stats[f"{part}_rows"] = int(has_history.sum())
             if not has_history.all():
                 self.stats[f"{part}_rows_without_history"] = int((~has_history).sum())
-            if not has_history.any():
-                hint = ("check data.split_ratios / data.split_times" if recipe in ("chronological", "user")
-                        else "leave-one-out evaluates users with 3 interactions or more")
-                raise DataError(f"{self.name}: recipe {recipe!r} leaves no {part} rows with a history "
-                                f"({len(targets)} target(s)); {hint}")
-            rows = target_rows(self.rows, self.start, targets[has_history], max_history)
-            out.append(EvalSet(rows, self.catalogue, counts, name=f"{self.name} {part}"))
-        return out[0], out[1]
+            out[part] = target_rows(self.rows, self.start, targets[has_history], max_history)
+        return out
+
+    def eval_sets(self, max_history: int = 0, recipe: str = "") -> tuple[EvalSet, EvalSet]:
+        """Valid and test eval sets; their row counts go to `stats`."""
+        counts = count_items(self.train(), self.catalogue)  # popularity:N candidates, the POP baseline
+        rows = self.eval_rows(max_history)
+        for part in rows:
+            check_eval_rows(self.stats, part, self.name, recipe)
+        return tuple(EvalSet(rows[p], self.catalogue, counts, name=f"{self.name} {p}") for p in ("valid", "test"))
+
+
+def check_eval_rows(stats: dict, part: str, name: str, recipe: str) -> None:
+    """Raise DataError when the split left no `part` rows with a history (`stats` as `eval_rows` counts)."""
+    if stats.get(f"{part}_rows", 0):
+        return
+    hint = ("check data.split_ratios / data.split_times" if recipe in ("chronological", "user")
+            else "leave-one-out evaluates users with 3 interactions or more")
+    raise DataError(f"{name}: recipe {recipe!r} leaves no {part} rows with a history "
+                    f"({stats.get(f'{part}_rows_without_history', 0)} target(s)); {hint}")
 
 
 def split_interactions(interactions: pa.Table, cfg: RecipeConfig, name: str) -> Split:
@@ -309,10 +320,11 @@ def _unobserved_users(source: InteractionsSource) -> np.ndarray:
     return users.filter(pc.invert(users["observed"]))["user_id"].to_numpy()
 
 
-def _items_stream(split: Split, source: InteractionsSource) -> pa.Table:
-    rows = split.rows
-    pairs = pa.table({"item_id": pc.cast(rows["item_id"], pa.int64()),
-                      "domain": pc.cast(rows["domain"], pa.string())}).group_by(["item_id", "domain"]).aggregate([])
+def items_table(pairs: pa.Table, source: InteractionsSource) -> pa.Table:
+    """The `items` stream of the catalogue's (item_id, domain) pairs: text from the `items` side table
+    (null without one), sorted by (domain, item_id)."""
+    pairs = pa.table({"item_id": pc.cast(pairs["item_id"], pa.int64()),
+                      "domain": pc.cast(pairs["domain"], pa.string())}).group_by(["item_id", "domain"]).aggregate([])
     url = source.tables.get("items")
     if url:
         text = read_dataset(url, "items", ["item_id", "domain"], optional=["text"])[1]
@@ -326,35 +338,46 @@ def _items_stream(split: Split, source: InteractionsSource) -> pa.Table:
     return pairs.sort_by([("domain", "ascending"), ("item_id", "ascending")]).combine_chunks()
 
 
+def stream_tables(split: Split, source: InteractionsSource, cfg: RecipeConfig,
+                  names: list[str]) -> tuple[dict[str, tuple[str, pa.Table, int]], dict]:
+    """The tables of the training streams `names` built from `split`: {dataset key: (stream name,
+    table, rows per row group)} and their stats. Both implementations write what this returns: the
+    in-memory one for the whole log, the distributed one for each user partition."""
+    stats: dict = {}
+    out: dict[str, tuple[str, pa.Table, int]] = {}
+    for name in names:
+        if name in ("train", "train_by_domain"):
+            table, group, more = _sequences_stream(split, cfg, by_domain=name == "train_by_domain")
+            stats.update(more)
+            out[name] = (name, table, group)
+        elif name in ("by_domain", "overlap"):
+            made = _domain_streams(split) if name == "by_domain" else {name: _overlap_stream(split)}
+            for key, t in made.items():
+                out[key] = (name, t, _group_rows(t.num_rows, cfg.rows_per_group, cfg.min_groups))
+                stats[f"{key}_rows"] = t.num_rows
+        else:
+            table = _labelled_stream(split, source) if name == "labelled" else items_table(split.rows, source)
+            out[name] = (name, table, _group_rows(table.num_rows, cfg.flat_rows_per_group, cfg.min_groups))
+            stats[f"{name}_rows"] = table.num_rows
+    return out, stats
+
+
 class LocalRecipe:
     """Every recipe in one process, on Arrow tables in memory."""
 
     def prepare(self, source: InteractionsSource, cfg: RecipeConfig, out_dir: str | Path) -> RecipeOutput:
         split = split_interactions(source.load(), cfg, source.name)
         valid, test = split.eval_sets(cfg.max_history, cfg.name)
-        stats = dict(split.stats)
+        tables, more = stream_tables(split, source, cfg, cfg.streams)
+        stats = {**split.stats, **more}
         streams = {}
-        for name in cfg.streams:
-            if name in ("train", "train_by_domain"):
-                table, group, more = _sequences_stream(split, cfg, by_domain=name == "train_by_domain")
-                stats.update(more)
-                tables = {name: (table, group)}
-            elif name in ("by_domain", "overlap"):
-                made = _domain_streams(split) if name == "by_domain" else {name: _overlap_stream(split)}
-                tables = {k: (t, _group_rows(t.num_rows, cfg.rows_per_group, cfg.min_groups)) for k, t in made.items()}
-                stats.update({f"{k}_rows": t.num_rows for k, (t, _) in tables.items()})
-            else:
-                table = _labelled_stream(split, source) if name == "labelled" else _items_stream(split, source)
-                group = _group_rows(table.num_rows, cfg.flat_rows_per_group, cfg.min_groups)
-                stats[f"{name}_rows"] = table.num_rows
-                tables = {name: (table, group)}
-            for key, (table, group) in tables.items():
-                # an empty overlap stream is allowed: 0% overlap is an experiment (RecGURU)
-                if table.num_rows == 0 and name != "overlap":
-                    raise DataError(f"{source.name}: recipe {cfg.name!r} leaves stream {key!r} empty")
-                if table.num_rows == 0:
-                    continue
-                url = write_dataset(table, Path(out_dir) / key, group)
-                streams[key] = StreamData(url, STREAMS[name], table.num_rows, group)
+        for key, (name, table, group) in tables.items():
+            # an empty overlap stream is allowed: 0% overlap is an experiment (RecGURU)
+            if table.num_rows == 0 and name != "overlap":
+                raise DataError(f"{source.name}: recipe {cfg.name!r} leaves stream {key!r} empty")
+            if table.num_rows == 0:
+                continue
+            url = write_dataset(table, Path(out_dir) / key, group)
+            streams[key] = StreamData(url, STREAMS[name], table.num_rows, group)
         stats["recipe"] = cfg.name
         return RecipeOutput(streams, valid, test, split.item_ids, stats)

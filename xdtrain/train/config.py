@@ -32,7 +32,7 @@ class DataConfig:
     dataset: str = "ml-1m"  # movielens: ml-1m | ml-100k
     domains: str = "none"  # movielens: none | genre | zip_region | platform
     min_rating: float = 0.0
-    k_core: int = 5
+    k_core: int = -1  # keep users and items with >= k interactions, iterated (-1: MovieLens 5, else none)
     exclude_title_twins: str = ""  # movielens: drop items whose title this dataset has too (e.g. ml-100k)
     interactions_url: str = ""  # parquet: a canonical interactions dataset at any fsspec URL; two_domain_csv: the CSV
     two_domain_names: list[str] = field(default_factory=lambda: ["d1", "d2"])  # two_domain_csv: seq_d1's, seq_d2's
@@ -66,6 +66,14 @@ class DataConfig:
     test_ratio: float = 0.2  # logs path: rows to test
     amid_min_seq: int = 5  # logs path: a row needs >= this many target items, the other domain >= this or none
     hide_other: float = 0.0  # logs path: share of both-domain users whose other domain is dropped
+    # Where the recipe runs (xdtrain/data/distributed.py): memory (one process), ray (a Ray Data
+    # pipeline over user partitions, driver memory bounded by the catalogue), or auto: ray for a
+    # Parquet log of more than memory_max_rows interactions, when the recipe can run there.
+    prepare: Literal["auto", "memory", "ray"] = "auto"
+    memory_max_rows: int = 20_000_000
+    partition_rows: int = 4_000_000  # ray: interactions per user partition
+    eval_user_fraction: float = 1.0  # evaluate a seeded sample of the users (both paths; 1 = all)
+    reuse_prepared: bool = True  # a re-run reuses <run_dir>/data when its inputs and config hash match
 
 
 @dataclass
@@ -197,7 +205,8 @@ class EngineConfig:
 
 # Allowed values as intervals: '[' / ']' include the bound, '(' / ')' exclude it; no bound = unbounded.
 RANGES: dict[str, str] = {
-    "data.k_core": "[0,)", "data.rows_per_group": "[1,)", "data.flat_rows_per_group": "[1,)",
+    "data.k_core": "[-1,)", "data.memory_max_rows": "[0,)", "data.partition_rows": "[1,)",
+    "data.eval_user_fraction": "(0,1]", "data.rows_per_group": "[1,)", "data.flat_rows_per_group": "[1,)",
     "data.max_train_samples": "[0,)", "data.max_history": "[0,)",
     "scale.workers": "[1,)", "scale.min_workers": "[0,)", "scale.cpus_per_worker": "(0,)",
     "scale.trainer_resource": "[0,)", "scale.threads": "[0,)", "scale.resize_check_s": "(0,)",

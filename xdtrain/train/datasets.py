@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -32,16 +33,26 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from xdtrain.config import load_config
 from xdtrain.data.evalrows import with_seen_flags
+from xdtrain.data.movielens import k_core
 from xdtrain.data.recipes import InteractionsSource, RecipeConfig, get_recipe
 from xdtrain.data.schemas import DataError, id_columns
-from xdtrain.data.sequences import write_dataset
+from xdtrain.data.sequences import write_dataset, write_parquet
 from xdtrain.data.validate import drop_duplicates, read_dataset, row_origin
 from xdtrain.eval.candidates import EvalSet
 from xdtrain.models import ModelData
 from xdtrain.train.config import DataConfig
+from xdtrain.train.prepared_store import (
+    input_fingerprint,
+    load_manifest,
+    read_catalogue,
+    read_eval_set,
+    save_manifest,
+    write_catalogue,
+)
 
 COLUMNS = ["user_id", "item_id", "domain", "timestamp"]
 LABEL_COLUMNS = ["label", "observed"]  # read too when the recipe writes the "labelled" stream
@@ -73,15 +84,7 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> Interactions:
     origin = None
     changed = False
     if cfg.source == "synthetic":
-        world = cfg.world_url
-        if not world:
-            from xdtrain.data.synthetic import WorldConfig, generate_world
-
-            world = str(run_dir / "world")
-            if not (Path(world) / "world.json").exists():
-                wcfg = load_config(WorldConfig, cfg.world_config, ["output.overwrite=true", f"out={world}"])
-                print(f"[xdtrain] generating the synthetic world ({cfg.world_config}) into {world}", flush=True)
-                generate_world(wcfg, world, progress=False)
+        world = world_interactions(cfg, run_dir)
         ds, inter = read_dataset(f"{world}/interactions", "interactions", COLUMNS, optional)
         origin, changed = (lambda row: row_origin(ds, row)), _hashed(ds.schema)
         tables = {k: f"{world}/{k}" for k in ("interactions", "items", "users", "entities", "triplets", "links")}
@@ -90,7 +93,7 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> Interactions:
         from xdtrain.data.movielens import MovieLensConfig, prepare
 
         ml = prepare(MovieLensConfig(dataset=cfg.dataset, domain_rule=cfg.domains, min_rating=cfg.min_rating,
-                                     k_core=cfg.k_core, exclude_title_twins=cfg.exclude_title_twins,
+                                     k_core=source_k_core(cfg), exclude_title_twins=cfg.exclude_title_twins,
                                      sequences="none"))
         items = write_dataset(ml.items.select(["item_id", "domain", "text"]), run_dir / "data" / "side" / "items")
         inter, name, tables = ml.interactions, cfg.dataset, {"items": items}
@@ -113,14 +116,25 @@ def load_interactions(cfg: DataConfig, run_dir: Path) -> Interactions:
     else:
         raise DataError(f"data.source: unknown source {cfg.source!r}; expected synthetic, movielens, parquet, "
                         "two_domain_csv or released")
+    if "domain" in inter.column_names:  # dictionary or integer domain codes: plain text on both paths
+        inter = inter.set_column(inter.column_names.index("domain"), "domain", pc.cast(inter["domain"], pa.string()))
     inter, dups = drop_duplicates(inter, cfg.duplicates, name, origin)
     if dups and cfg.duplicates == "drop":
         print(f"[xdtrain] warning: {name}: dropped {dups} exact duplicate interaction(s) of {inter.num_rows + dups} "
               "(data.duplicates=drop; 'keep' or 'error' to change)", file=sys.stderr)
         changed = True
+    if cfg.source != "movielens" and source_k_core(cfg) > 1:  # MovieLens filters in its own preparation
+        before = inter.num_rows
+        inter = k_core(inter, source_k_core(cfg))[0]
+        changed = changed or inter.num_rows < before
     if changed or "interactions" not in tables:
         tables["interactions"] = write_dataset(inter, run_dir / "data" / "side" / "interactions")
     return Interactions(inter, name, tables, dups)
+
+
+def source_k_core(cfg: DataConfig) -> int:
+    """`data.k_core`, with -1 meaning the source's default (5 for MovieLens, no filter otherwise)."""
+    return cfg.k_core if cfg.k_core >= 0 else (5 if cfg.source == "movielens" else 0)
 
 
 def _hashed(schema: pa.Schema) -> bool:
@@ -147,12 +161,75 @@ def recipe_config(cfg: DataConfig, min_groups: int = 1) -> RecipeConfig:
                         max_train_samples=cfg.max_train_samples, min_groups=min_groups)
 
 
-def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> PreparedData:
-    """Load, filter domains, run the data recipe (split, write the streams); see the module docstring."""
+def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1,
+                 connect: Callable[[], object] | None = None) -> PreparedData:
+    """Load, filter domains, run the data recipe (split, write the streams); see the module docstring.
+    A re-run with the same inputs and `data:` config reuses `<run_dir>/data` (`prepared_store`).
+    `connect` joins Ray before the Ray Data path runs (default: an embedded local Ray)."""
     run_dir = Path(run_dir)
+    data_dir = run_dir / "data"
     t0 = time.time()
+    if cfg.recipe != "amid" and cfg.source != "released":
+        recipe_config(cfg, min_groups).check()  # a bad recipe fails before any loading
+    if cfg.source == "synthetic":
+        world_interactions(cfg, run_dir)  # generated first: the fingerprint lists its files
+    key = input_fingerprint(cfg, run_dir, min_groups)
+    rec = load_manifest(data_dir, key) if cfg.reuse_prepared else None
+    if rec is not None:
+        print(f"[xdtrain] data: reusing {data_dir} (inputs and data config unchanged)", flush=True)
+        return _assemble(rec, cfg, data_dir)
     if cfg.recipe == "amid" or cfg.source == "released":
-        return _prepare_amid(cfg, run_dir, min_groups, t0)
+        rec = _prepare_amid(cfg, run_dir, min_groups)
+    elif use_distributed(cfg, run_dir, min_groups):
+        if connect is not None:
+            connect()
+        rec = _prepare_ray(cfg, run_dir, min_groups)
+    else:
+        rec = _prepare_memory(cfg, run_dir, min_groups)
+    rec["stats"]["prepare_seconds"] = round(time.time() - t0, 1)
+    save_manifest(data_dir, key, rec)
+    return _assemble(rec, cfg, data_dir)
+
+
+def world_interactions(cfg: DataConfig, run_dir: Path) -> str:
+    """The synthetic world's folder: `data.world_url`, else generated into `<run_dir>/world` once."""
+    world = cfg.world_url
+    if not world:
+        from xdtrain.data.synthetic import WorldConfig, generate_world
+
+        world = str(run_dir / "world")
+        if not (Path(world) / "world.json").exists():
+            wcfg = load_config(WorldConfig, cfg.world_config, ["output.overwrite=true", f"out={world}"])
+            print(f"[xdtrain] generating the synthetic world ({cfg.world_config}) into {world}", flush=True)
+            generate_world(wcfg, world, progress=False)
+    return world
+
+
+def use_distributed(cfg: DataConfig, run_dir: Path, min_groups: int = 1) -> bool:
+    """Whether the recipe runs as a Ray Data pipeline (`data.prepare`; auto: a big Parquet log)."""
+    from xdtrain.data.distributed import check_distributable
+
+    why = check_distributable(recipe_config(cfg, min_groups), cfg.overlap_rate)
+    if cfg.source not in ("synthetic", "parquet"):
+        why = f"data.source {cfg.source!r} (read in one process)"
+    if cfg.prepare == "ray" and why:
+        raise DataError(f"data.prepare=ray: {why} cannot run distributed; use data.prepare=memory or auto")
+    if cfg.prepare != "auto" or why:
+        return cfg.prepare == "ray"
+    from xdtrain.data.validate import open_dataset
+
+    return open_dataset(_log_url(cfg, run_dir), "interactions", COLUMNS).num_rows > cfg.memory_max_rows
+
+
+def _log_url(cfg: DataConfig, run_dir: Path) -> str:
+    if cfg.source == "parquet":
+        if not cfg.interactions_url:
+            raise DataError("data.interactions_url: required when data.source is 'parquet'")
+        return cfg.interactions_url
+    return f"{world_interactions(cfg, run_dir)}/interactions"
+
+
+def _prepare_memory(cfg: DataConfig, run_dir: Path, min_groups: int) -> dict:
     rcfg = recipe_config(cfg, min_groups)
     rcfg.check()  # a bad recipe fails before any loading
     recipe = get_recipe(rcfg.name)
@@ -173,20 +250,77 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1) -> P
     out = recipe.prepare(InteractionsSource(name, inter, tables=tables), rcfg, run_dir / "data")
     valid, test = (EvalSet(with_seen_flags(s.rows, source_users, source_items), s.catalogue, s.item_counts,
                            name=s.name, history_column=s.history_column) for s in (out.valid, out.test))
-    if cfg.eval_domains:
-        valid, test = (eval_subset(s, cfg.eval_domains) for s in (valid, test))
-    domains = sorted(valid.catalogue)
-    model_data = ModelData(
-        item_ids=out.item_ids, domains=domains,
-        item_domains={d: valid.catalogue[d] for d in domains}, tables=tables,
-        extras={"train_domains": sorted(pc.unique(inter["domain"]).to_pylist()),
-                "cache_dir": str(run_dir / "cache"),
-                "streams": {k: v.rows for k, v in out.streams.items()}},
-    )
-    stats = {**out.stats, "duplicates": dups, "prepare_seconds": round(time.time() - t0, 1), "source": name}
-    streams = {k: v.url for k, v in out.streams.items()}
-    return PreparedData(streams.get("train", ""), model_data, valid, test, stats, streams,
-                        {k: v.table for k, v in out.streams.items()})
+    stats = {**out.stats, "duplicates": dups, "source": name, "prepared_by": "memory"}
+    return _record(run_dir / "data", out, valid, test, tables, stats, True,
+                   {"train_domains": sorted(pc.unique(inter["domain"]).to_pylist())})
+
+
+def _prepare_ray(cfg: DataConfig, run_dir: Path, min_groups: int) -> dict:
+    from xdtrain.data.distributed import DistributedInput, prepare_distributed
+
+    url = _log_url(cfg, run_dir)
+    if cfg.source == "synthetic":
+        world = url.rsplit("/", 1)[0]
+        name = f"synthetic world {world}"
+        tables = {k: f"{world}/{k}" for k in ("interactions", "items", "users", "entities", "triplets", "links")}
+    else:
+        name, tables = url, {"interactions": url}
+    src = DistributedInput(url, name, optional=tuple(LABEL_COLUMNS if "labelled" in cfg.streams else ()),
+                           duplicates=cfg.duplicates, k_core=source_k_core(cfg),
+                           train_domains=tuple(cfg.train_domains), source_domains=tuple(cfg.source_domains),
+                           partition_rows=cfg.partition_rows, tables=tables)
+    data_dir = run_dir / "data"
+    out = prepare_distributed(src, recipe_config(cfg, min_groups), data_dir)
+    if out.interactions_url:
+        tables["interactions"] = out.interactions_url
+    for part in ("valid", "test"):
+        write_catalogue(out.catalogue, out.item_counts, data_dir, part)
+    write_parquet(pa.table({"item_id": pa.array(out.item_ids, pa.int64())}), data_dir / "eval" / "item_ids.parquet")
+    stats = {**out.stats, "source": name, "prepared_by": "ray"}
+    return {**_stream_record(out.streams), "stats": stats, "tables": tables,
+            "names": {p: f"{name} {p}" for p in ("valid", "test")}, "history_column": "history",
+            "counts": True, "subset": True, "model_domains": None, "item_domains": None, "sorted_eval": True,
+            "extras": {"train_domains": sorted(out.catalogue)}}
+
+
+def _record(data_dir: Path, out, valid: EvalSet, test: EvalSet, tables: dict, stats: dict, subset: bool,
+            extras: dict, model_domains: list[str] | None = None, item_domains: list[str] | None = None) -> dict:
+    """Write the eval sets (and the catalogue) of an in-memory preparation; its manifest record."""
+    for part, s in (("valid", valid), ("test", test)):
+        write_dataset(s.rows, data_dir / "eval" / part, 65536)
+        write_catalogue(s.catalogue, s.item_counts, data_dir, part)
+    write_parquet(pa.table({"item_id": pa.array(np.asarray(out.item_ids), pa.int64())}),
+                  data_dir / "eval" / "item_ids.parquet")
+    return {**_stream_record(out.streams), "stats": stats, "tables": tables,
+            "names": {"valid": valid.name, "test": test.name}, "history_column": valid.history_column,
+            "counts": valid.item_counts is not None, "subset": bool(subset), "model_domains": model_domains,
+            "item_domains": item_domains, "sorted_eval": False, "extras": extras}
+
+
+def _stream_record(streams: dict) -> dict:
+    return {"streams": {k: v.url for k, v in streams.items()},
+            "stream_tables": {k: v.table for k, v in streams.items()},
+            "stream_rows": {k: v.rows for k, v in streams.items()}}
+
+
+def _assemble(rec: dict, cfg: DataConfig, data_dir: Path) -> PreparedData:
+    """The `PreparedData` of a manifest record: eval sets read back (eval_domains, user sample)."""
+    sets = []
+    for part in ("valid", "test"):
+        catalogue, counts = read_catalogue(data_dir, part)
+        sets.append(read_eval_set(data_dir / "eval" / part, catalogue, counts if rec["counts"] else None,
+                                  rec["names"][part], cfg.eval_domains if rec["subset"] else [],
+                                  cfg.eval_user_fraction, cfg.split_seed, rec["sorted_eval"], rec["history_column"]))
+    valid, test = sets
+    domains = rec["model_domains"] or sorted(valid.catalogue)
+    item_domains = {d: valid.catalogue[d] for d in (rec["item_domains"] or domains)}
+    item_ids = pq.read_table(data_dir / "eval" / "item_ids.parquet")["item_id"].to_numpy()
+    extras = {**rec["extras"], "cache_dir": str(data_dir.parent / "cache"), "streams": dict(rec["stream_rows"])}
+    model_data = ModelData(item_ids=item_ids, domains=domains, item_domains=item_domains, tables=dict(rec["tables"]),
+                           extras=extras)
+    streams = dict(rec["streams"])
+    return PreparedData(streams.get("train", ""), model_data, valid, test, dict(rec["stats"]), streams,
+                        dict(rec["stream_tables"]))
 
 
 def amid_config(cfg: DataConfig, min_groups: int = 1):
@@ -203,7 +337,7 @@ def amid_config(cfg: DataConfig, min_groups: int = 1):
                           seed=cfg.split_seed, rows_per_group=cfg.rows_per_group, min_groups=min_groups)
 
 
-def _prepare_amid(cfg: DataConfig, run_dir: Path, min_groups: int, t0: float) -> PreparedData:
+def _prepare_amid(cfg: DataConfig, run_dir: Path, min_groups: int) -> dict:
     """Recipe `amid` (xdtrain/data/amid_rows.py): two-domain rows from the released CSVs or from
     canonical logs, streams O and D; the model's domains are the pair's."""
     from xdtrain.data.amid_rows import RELEASED
@@ -219,11 +353,9 @@ def _prepare_amid(cfg: DataConfig, run_dir: Path, min_groups: int, t0: float) ->
     out = get_recipe(rcfg.name).prepare(source, rcfg, run_dir / "data")
     domains = list(rcfg.amid.domains)
     tables = {k: v for k, v in source.tables.items() if k != RELEASED}
-    model_data = ModelData(item_ids=out.item_ids, domains=domains, item_domains=dict(out.valid.catalogue),
-                           tables=tables, extras={"train_domains": domains, "cache_dir": str(run_dir / "cache")})
-    stats = {**out.stats, "prepare_seconds": round(time.time() - t0, 1), "source": source.name}
-    return PreparedData("", model_data, out.valid, out.test, stats, {k: v.url for k, v in out.streams.items()},
-                        {k: v.table for k, v in out.streams.items()})
+    stats = {**out.stats, "source": source.name, "prepared_by": "memory"}
+    return _record(run_dir / "data", out, out.valid, out.test, tables, stats, False, {"train_domains": domains},
+                   model_domains=domains, item_domains=sorted(out.valid.catalogue))
 
 
 def eval_subset(data: EvalSet, domains: list[str]) -> EvalSet:

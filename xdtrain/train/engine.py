@@ -189,11 +189,14 @@ def _train(cfg: EngineConfig, run_dir: Path, log: RayLog, faults: dict | None) -
     t0 = time.time()
     reclaim_orphans()  # shared-memory buffers of crashed runs
     # Data and model first: bad input or config fails in seconds, before Ray starts.
-    data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers)
+    connected = []  # the Ray Data preparation path joins Ray first
+    data = prepare_data(cfg.data, run_dir, min_groups=4 * cfg.scale.workers,
+                        connect=lambda: connected.append(connect_ray(cfg, log)))
     print(f"[xdtrain] data: {data.stats}")
     model = build_model(cfg.model, data.model_data, cfg.train.seed)
     check_program(cfg, model, data)
-    connect_ray(cfg, log)
+    if not connected:
+        connect_ray(cfg, log)
     ps = make_ps(cfg, run_dir.name)
     for spec in model.sparse_tables():
         ps.create_table(spec)
