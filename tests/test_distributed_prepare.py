@@ -140,3 +140,16 @@ def test_recipes_that_need_the_whole_log_are_refused_on_the_ray_path(tmp_path):
     with pytest.raises(DataError, match="max_train_samples.*data.prepare=memory"):
         prepare_data(DataConfig(source="parquet", interactions_url=url, prepare="ray", max_train_samples=5),
                      tmp_path / "r")
+
+
+def test_a_stream_folder_holding_other_files_is_refused_and_left_untouched(tmp_path):
+    url = make_log(tmp_path / "log", users=30)
+    mine = tmp_path / "run" / "data" / "train" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("keep me")
+    with pytest.raises(DataError, match="notes.txt, not prepared data; it is left untouched"):
+        prepare_data(DataConfig(source="parquet", interactions_url=url, prepare="ray", partition_rows=200),
+                     tmp_path / "run")
+    assert mine.read_text() == "keep me"
+    data = tmp_path / "run" / "data"
+    assert not list(data.glob(".stage-*")) and not list(data.glob(".work-*"))  # its own staging is gone

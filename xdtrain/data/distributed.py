@@ -274,15 +274,24 @@ def _commit(stage: Path, out_dir: Path, got: list[dict], cfg: RecipeConfig, src:
         table = items_table(pairs, InteractionsSource(src.name, tables=dict(src.tables or {})))
         write_parquet(table, stage / "items" / "part-00000.parquet", row_group_size=cfg.flat_rows_per_group)
         rows["items"] = ["items", table.num_rows]
-    moved = list(rows) + ["eval", "side_interactions"]
-    for key in moved:
+    for key in list(rows) + ["eval", "side_interactions"]:
         if (stage / key).exists():
-            dst = out_dir / key
-            shutil.rmtree(dst, ignore_errors=True)  # a previous preparation's output of the same name
-            (stage / key).rename(dst)
+            _replace_dir(stage / key, out_dir / key)
     group = {"items": cfg.flat_rows_per_group, "labelled": cfg.flat_rows_per_group}
     return {key: StreamData(str(out_dir / key), STREAMS[name], n, group.get(name, cfg.rows_per_group))
             for key, (name, n) in rows.items()}
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Swap `new` in as `dst`. An existing `dst` goes only if it holds nothing but Parquet files (a
+    previous preparation's output of the same name); anything else is refused and left untouched."""
+    if dst.exists():
+        other = [p for p in dst.rglob("*") if p.is_file() and p.suffix != ".parquet"]
+        if other or not dst.is_dir():
+            raise DataError(f"{dst}: holds {other[0] if other else 'a file'}, not prepared data; "
+                            "it is left untouched: move it away or choose another run_dir")
+        shutil.rmtree(dst)
+    new.rename(dst)
 
 
 # ---------------------------------------------------------------- partition-local steps
