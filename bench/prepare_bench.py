@@ -111,9 +111,9 @@ def _rss_and_role(pid: int) -> tuple[int, str]:
 def run_job(scale: str, path: str, steps: int, fraction: float, out: Path) -> dict:
     run_dir = out / f"{scale}_{path}"
     over = [f"run_dir={run_dir}", "overwrite=true", f"data.world_url={world(scale)}", f"data.prepare={path}",
-            f"data.eval_user_fraction={fraction}", "train.epochs=1", f"train.max_steps={steps}",
-            "train.eval_every=0", "train.max_minutes=0", "train.log_every=5", "train.progress=false",
-            "export_embeddings=false", "eval.baselines=[]"]
+            "data.reuse_prepared=false", f"data.eval_user_fraction={fraction}", "train.epochs=1",
+            f"train.max_steps={steps}", "train.eval_every=0", "train.max_minutes=0", "train.log_every=5",
+            "train.progress=false", "export_embeddings=false", "eval.baselines=[]"]
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.pretrain", "--config", "configs/demo.yaml", *over],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -177,6 +177,7 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1,
     rec = load_manifest(data_dir, key) if cfg.reuse_prepared else None
     if rec is not None:
         print(f"[xdtrain] data: reusing {data_dir} (inputs and data config unchanged)", flush=True)
+        rec["stats"]["reused"] = True  # prepare_seconds is the original preparation's
         return _assemble(rec, cfg, data_dir)
     if cfg.recipe == "amid" or cfg.source == "released":
         rec = _prepare_amid(cfg, run_dir, min_groups)
