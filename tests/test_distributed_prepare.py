@@ -19,7 +19,7 @@ SORT = {"sequences": ["user_id", "domain"], "labelled": ["user_id", "timestamp",
         "items": ["domain", "item_id"]}
 
 
-def make_log(folder, seed: int = 0, users: int = 120) -> str:
+def make_log(folder, seed: int = 0, users: int = 120, t0: int = 0, t_span: int = 400) -> str:
     """Three domains, ~20 items each per user (zipf-ish items so k-core bites), integer timestamps with
     ties, a few exact duplicates, string user ids, labels; two files of several row groups."""
     rng = np.random.default_rng(seed)
@@ -29,7 +29,8 @@ def make_log(folder, seed: int = 0, users: int = 120) -> str:
             n = int(rng.integers(0, 12))
             items = np.minimum(rng.zipf(1.6, n), n_items) + {"a": 0, "b": 1000, "c": 2000}[d]
             for it in items:
-                rows.append((f"u{u}", int(it), d, int(rng.integers(0, 400)), int(rng.integers(0, 2))))
+                t = t0 + int(rng.integers(0, t_span))
+                rows.append((f"u{u}", int(it), d, t, int(rng.integers(0, 2))))
     rows += rows[:7]  # exact duplicates
     order = rng.permutation(len(rows))
     t = pa.table({k: [rows[i][j] for i in order] for j, k in enumerate(["user_id", "item_id", "domain",
@@ -73,8 +74,11 @@ def assert_same(mem, ray) -> None:
     np.testing.assert_array_equal(mem.model_data.item_ids, ray.model_data.item_ids)
     assert mem.model_data.domains == ray.model_data.domains
     assert mem.model_data.extras["train_domains"] == ray.model_data.extras["train_domains"]
+    if "items" in mem.streams:  # one file either way: the same row groups
+        assert pq.read_metadata(f"{ray.streams['items']}/part-00000.parquet").num_row_groups == \
+            pq.read_metadata(f"{mem.streams['items']}/part-00000.parquet").num_row_groups > 1
     for k in ("users", "items", "interactions", "train_interactions", "valid_rows", "test_rows", "duplicates",
-              "cut_times", "train_samples", "train_sequences", "train_by_domain_rows"):
+              "cut_times", "train_samples", "train_sequences", "train_by_domain_rows", "items_rows", "row_group_rows"):
         assert mem.stats.get(k) == ray.stats.get(k), k
 
 
@@ -105,15 +109,19 @@ def test_global_time_cut_and_user_split(tmp_path, recipe, extra):
     assert_same(mem, ray)
 
 
-def test_chronological_cut_times_are_exact_when_refined(tmp_path, monkeypatch):
-    """Force the histogram to refine (2 bins, collect at 10 values): still the in-memory cut times."""
+@pytest.mark.parametrize("t0,t_span", [(0, 400), (1_700_000_000_000_000_000, 6)])
+def test_chronological_cut_times_are_exact_when_refined(tmp_path, monkeypatch, t0, t_span):
+    """The histogram forced to refine (3 bins, collect at 10 values): the in-memory cut times, also
+    with nanosecond-sized integer timestamps (past float64's 2^53) and hundreds of rows tied on the
+    cut's timestamp."""
     import xdtrain.data.distributed as dist
 
-    monkeypatch.setattr(dist, "HIST_BINS", 2)
+    monkeypatch.setattr(dist, "HIST_BINS", 3)
     monkeypatch.setattr(dist, "COLLECT_MAX", 10)
-    url = make_log(tmp_path / "log", seed=4)
+    url = make_log(tmp_path / "log", seed=4, t0=t0, t_span=t_span)
     mem, ray = both(tmp_path, url, recipe="chronological", split_ratios=[0.5, 0.3, 0.2])
     assert_same(mem, ray)
+    assert len(set(mem.valid.rows["timestamp"].to_pylist())) <= t_span  # the ties are there
 
 
 def test_reuse_when_nothing_changed_and_prepare_again_when_something_did(tmp_path, capsys):
@@ -154,3 +162,45 @@ def test_a_stream_folder_holding_other_files_is_refused_and_left_untouched(tmp_p
     assert mine.read_text() == "keep me"
     data = tmp_path / "run" / "data"
     assert not list(data.glob(".stage-*")) and not list(data.glob(".work-*"))  # its own staging is gone
+
+
+def test_bad_input_in_a_task_is_a_data_error_and_empty_partitions_keep_the_schema(tmp_path):
+    url = make_log(tmp_path / "log", users=12)
+    bad = pq.read_table(f"{url}/f1.parquet").to_pylist()
+    bad[3]["item_id"] = None
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="bad.parquet.*item_id"):  # read in a shuffle task, named as itself
+        prepare_data(DataConfig(source="parquet", interactions_url=str(tmp_path / "bad.parquet"), prepare="ray"),
+                     tmp_path / "r0")
+    with pytest.raises(DataError, match="duplicate"):
+        prepare_data(DataConfig(source="parquet", interactions_url=url, prepare="ray", duplicates="error",
+                                partition_rows=50), tmp_path / "r1")
+    # string ids (hashed: the cleaned log is written) over far more partitions than users
+    data = prepare_data(DataConfig(source="parquet", interactions_url=url, prepare="ray", partition_rows=8),
+                        tmp_path / "r2")
+    assert data.stats["partitions"] > 12
+    from xdtrain.data.validate import read_dataset
+
+    side = read_dataset(data.model_data.tables["interactions"], "interactions")[1]
+    assert side.num_rows == data.stats["interactions"] and side.schema.field("domain").type == pa.string()
+
+
+def test_a_failed_preparation_is_never_reused(tmp_path, capsys):
+    url = make_log(tmp_path / "log", users=30)
+    cfg = DataConfig(source="parquet", interactions_url=url, prepare="memory")
+    prepare_data(cfg, tmp_path / "run")
+    with pytest.raises(DataError):
+        prepare_data(DataConfig(**{**cfg.__dict__, "k_core": 10_000}), tmp_path / "run")
+    capsys.readouterr()
+    again = prepare_data(cfg, tmp_path / "run")
+    assert "reusing" not in capsys.readouterr().out and again.stats.get("reused") is None
+
+
+def test_float_timestamps_map_to_int64_keys_in_order_and_back():
+    from xdtrain.data.distributed import _from_key, _to_key
+
+    v = np.array([-np.inf, -3.5, -1e-300, -0.0, 0.0, 1e-300, 2.25, 1.7e18, np.inf])
+    keys = _to_key(v)
+    assert (np.diff(keys) >= 0).all() and [_from_key(int(k), "float") for k in keys] == v.tolist()
+    ints = np.array([-5, 0, 2**62], np.int64)
+    assert _to_key(ints).tolist() == ints.tolist() and _from_key(2**62, "int") == 2**62

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from xdtrain.data.recipes import InteractionsSource, RecipeConfig, RecipeOutput, StreamData, _group_rows
+from xdtrain.data.recipes import InteractionsSource, RecipeConfig, RecipeOutput, StreamData, group_rows
 from xdtrain.data.schemas import DataError
 from xdtrain.data.sequences import write_dataset
 from xdtrain.data.two_domain import read_two_domain_csv
@@ -263,7 +263,7 @@ def recipe_output(rows: AmidRows, cfg: AmidDataConfig, out_dir: str | Path, name
     streams = {}
     for s in ("O", "D"):
         t = getattr(rows, s)
-        group = _group_rows(t.num_rows, cfg.rows_per_group, cfg.min_groups)
+        group = group_rows(t.num_rows, cfg.rows_per_group, cfg.min_groups)
         streams[s] = StreamData(write_dataset(t, Path(out_dir) / s, group), ROW_TABLE, t.num_rows, group)
     valid, test = (eval_set(getattr(rows, p), cfg.domains, catalogue, f"{name} {p}") for p in ("valid", "test"))
     ov = {p: int(pc.sum(getattr(rows, p)["overlap"]).as_py() or 0) for p in ("O", "D", "valid", "test")}

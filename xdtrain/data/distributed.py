@@ -26,9 +26,12 @@ and `max_train_samples` (a seeded order over every user); `prepare_data` runs th
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import pickle
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -46,6 +49,7 @@ from xdtrain.data.recipes import (
     RecipeConfig,
     StreamData,
     check_eval_rows,
+    group_rows,
     items_table,
     split_interactions,
     stream_tables,
@@ -54,10 +58,12 @@ from xdtrain.data.schemas import DataError, hash_id_columns
 from xdtrain.data.sequences import write_parquet
 from xdtrain.data.splits import splitmix64
 from xdtrain.data.validate import drop_duplicates, open_dataset, read_unit
+from xdtrain.outputs import pid_alive
 
 COLUMNS = ["user_id", "item_id", "domain", "timestamp"]
 HIST_BINS = 1 << 16  # timestamp histogram bins per refinement pass (cut times)
 COLLECT_MAX = 1 << 20  # timestamps collected to the driver once a bin holds at most this many
+SCRATCH_MARK = "preparing.json"
 _NO_COUNTS = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
@@ -96,8 +102,7 @@ def check_distributable(cfg: RecipeConfig, overlap_rate: float = -1.0) -> str:
     return ""
 
 
-def prepare_distributed(src: DistributedInput, cfg: RecipeConfig, out_dir: str | Path,
-                        work_dir: str | Path | None = None) -> DistributedOutput:
+def prepare_distributed(src: DistributedInput, cfg: RecipeConfig, out_dir: str | Path) -> DistributedOutput:
     """Run recipe `cfg` on `src` as described in the module docstring; outputs under `out_dir`."""
     import ray
 
@@ -110,11 +115,31 @@ def prepare_distributed(src: DistributedInput, cfg: RecipeConfig, out_dir: str |
 
         init_local(include_dashboard=False, log_to_driver=False)
     out_dir = Path(out_dir)
-    work = Path(work_dir) if work_dir else out_dir / f".work-{uuid.uuid4().hex[:8]}"
+    _remove_dead_scratch(out_dir)
+    work = _scratch(out_dir, "work")
     try:
         return _run(src, cfg, out_dir, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # made here, under a fresh name
+
+
+def _scratch(out_dir: Path, kind: str) -> Path:
+    """A fresh scratch folder `<out_dir>/.<kind>-<tag>`, marked with this process's host and pid."""
+    path = out_dir / f".{kind}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    (path / SCRATCH_MARK).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    return path
+
+
+def _remove_dead_scratch(out_dir: Path) -> None:
+    """Scratch folders a dead preparation on this host left (its mark says so); nothing else."""
+    for path in list(out_dir.glob(".work-*")) + list(out_dir.glob(".stage-*")):
+        try:
+            mark = json.loads((path / SCRATCH_MARK).read_text())
+        except (OSError, ValueError):
+            continue
+        if mark.get("host") == socket.gethostname() and not pid_alive(mark.get("pid")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) -> DistributedOutput:
@@ -122,8 +147,11 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
     n_parts = max(1, math.ceil(ds.num_rows / max(1, src.partition_rows)))
     hashed = any(not pa.types.is_integer(ds.schema.field(c).type) for c in ("user_id", "item_id"))
     stats: dict = {"partitions": n_parts, "log_rows": ds.num_rows}
+    schema = pa.schema([pa.field(f.name, pa.int64() if f.name in ("user_id", "item_id") else
+                                 pa.string() if f.name == "domain" else f.type) for f in ds.schema])
 
     # 1. shuffle by user
+    @_carry_errors({"rows": np.zeros((1, n_parts), np.int64)})
     def shuffle(batch: dict) -> dict:
         for i in batch["unit"]:
             rows = hash_id_columns(pa.Table.from_batches([read_unit(ds, ds.units[int(i)])]), "interactions")
@@ -131,17 +159,20 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
             part = (splitmix64(rows["user_id"].to_numpy().astype(np.uint64)) % np.uint64(n_parts)).astype(np.int64)
             for j in np.unique(part):
                 write_parquet(rows.filter(pa.array(part == j)), work / "shuffle" / f"p={j}" / f"u{int(i):06d}.parquet")
-        return {"rows": np.asarray([0])}
+        return {"rows": np.bincount(part, minlength=n_parts)[None, :]}
 
-    for _ in _ray_map([{"unit": i} for i in range(len(ds.units))], shuffle, "shuffle by user", batch=True):
-        pass
+    written = np.zeros(n_parts, np.int64)
+    for r in _ray_map([{"unit": i} for i in range(len(ds.units))], shuffle, "shuffle by user", batch=True):
+        written += r["rows"]
 
     # 2. clean: duplicates
     def clean(j: int) -> dict:
         folder = work / "shuffle" / f"p={j}"
-        if not folder.exists():
-            return {"dups": 0, "counts": _NO_COUNTS}
-        t, dups = drop_duplicates(pq.read_table(folder), src.duplicates, f"{src.name} (user partition {j})")
+        t = pq.read_table(folder, schema=schema) if folder.exists() else schema.empty_table()
+        if t.num_rows != written[j]:  # another node's files are not visible here
+            raise DataError(f"{folder}: {t.num_rows} rows where the shuffle wrote {written[j]}; on a cluster "
+                            "run_dir must be on storage every node reads")
+        t, dups = drop_duplicates(t, src.duplicates, f"{src.name} (user partition {j})")
         write_parquet(t, work / "clean" / f"p={j}.parquet")
         return {"dups": dups, "counts": _item_counts(t), "rows": t.num_rows}
 
@@ -189,13 +220,14 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
     # 4. chronological cut times from the ratios
     part_cfg = cfg
     if cfg.name == "chronological" and not cfg.times:
-        cuts = _cut_times(n_parts, lambda j: _timestamps(filtered(j), src.train_domains), cfg.ratios)
-        part_cfg = replace(cfg, times=cuts)
+        like = "int" if pa.types.is_integer(schema.field("timestamp").type) else "float"
+        cuts = _cut_values(n_parts, lambda j: _timestamps(filtered(j), src.train_domains), cfg.ratios, like)
+        part_cfg = replace(cfg, cut_values=cuts)
 
     # 5. split each partition, write its part of every stream and of the eval rows
     names = [s for s in cfg.streams if s != "items"]
     groups_per_part = max(1, math.ceil(cfg.min_groups / n_parts))
-    stage = out_dir / f".stage-{uuid.uuid4().hex[:8]}"
+    stage = _scratch(out_dir, "stage")
 
     def split_part(j: int) -> dict:
         t = filtered(j)
@@ -245,8 +277,11 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
         catalogue = {d: (by_domain[d]["item_id"].to_numpy() if cfg.per_domain_catalogue else item_ids)
                      for d in domains}
         item_counts = {d: _align_counts(by_domain[d], catalogue[d]) for d in domains}
-        merged.update(users=merged.get("users", 0), items=len(item_ids), row_group_rows=cfg.rows_per_group,
-                      recipe=cfg.name)
+        merged.update(items=len(item_ids), recipe=cfg.name)
+        if "row_group_rows" in merged:  # what the in-memory path's one file would use
+            merged["row_group_rows"] = group_rows(merged["train_sequences"], cfg.rows_per_group, cfg.min_groups)
+        if "items" in cfg.streams:
+            merged["items_rows"] = pairs.num_rows
         if cfg.name == "chronological":
             merged["cut_times"] = list(cfg.times) if cfg.times else [
                 min((r["first"][p] for r in got if r["first"][p] is not None), default=None) for p in (1, 2)]
@@ -272,7 +307,8 @@ def _commit(stage: Path, out_dir: Path, got: list[dict], cfg: RecipeConfig, src:
             raise DataError(f"{src.name}: recipe {cfg.name!r} leaves stream {name!r} empty")
     if "items" in cfg.streams:
         table = items_table(pairs, InteractionsSource(src.name, tables=dict(src.tables or {})))
-        write_parquet(table, stage / "items" / "part-00000.parquet", row_group_size=cfg.flat_rows_per_group)
+        write_parquet(table, stage / "items" / "part-00000.parquet",
+                      row_group_size=group_rows(table.num_rows, cfg.flat_rows_per_group, cfg.min_groups))
         rows["items"] = ["items", table.num_rows]
     for key in list(rows) + ["eval", "side_interactions"]:
         if (stage / key).exists():
@@ -298,8 +334,7 @@ def _replace_dir(new: Path, dst: Path) -> None:
 
 
 def _clean(work: Path, j: int) -> pa.Table:
-    path = work / "clean" / f"p={j}.parquet"
-    return pq.read_table(path) if path.exists() else pa.table({c: pa.array([], pa.int64()) for c in COLUMNS})
+    return pq.read_table(work / "clean" / f"p={j}.parquet")
 
 
 def _core(t: pa.Table, items: pa.Array | None, k: int) -> pa.Table:
@@ -329,7 +364,24 @@ def _domain_summary(t: pa.Table, source_domains: list[str]) -> dict:
 
 
 def _timestamps(t: pa.Table, domains: tuple[str, ...]) -> np.ndarray:
-    return np.asarray(_keep(t, list(domains))["timestamp"].to_numpy(), np.float64)
+    """Order-preserving int64 keys of the timestamps (`_to_key`)."""
+    return _to_key(np.asarray(_keep(t, list(domains))["timestamp"].to_numpy()))
+
+
+def _to_key(v: np.ndarray) -> np.ndarray:
+    """int64 keys in the order of `v`: integers as they are, floats by their IEEE bits (negative
+    ones flipped), so that ranks are found exactly whatever the type."""
+    if np.issubdtype(v.dtype, np.integer):
+        return v.astype(np.int64)
+    bits = np.ascontiguousarray(v, np.float64).view(np.int64)
+    return np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
+
+
+def _from_key(key: int, like: str) -> int | float:
+    if like == "int":
+        return int(key)
+    bits = np.int64(key)
+    return float(np.asarray(bits if bits >= 0 else bits ^ np.int64(0x7FFFFFFFFFFFFFFF)).view(np.float64))
 
 
 def _first_time(split, part: int) -> float | None:
@@ -373,46 +425,52 @@ def _align_counts(pairs: pa.Table, catalogue: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cut_times(n_parts: int, values: Callable[[int], np.ndarray], ratios: list[float]) -> list[float]:
-    """The in-memory chronological cuts as `time_cut` times: rows with a timestamp <= the one at rank
-    round(r0 n) - 1 train, <= the one at rank round((r0 + r1) n) - 1 valid (ranks in time order)."""
-    got = list(_partition_map(n_parts, lambda j: _range_summary(values(j)), "timestamp range"))
+def _cut_values(n_parts: int, keys: Callable[[int], np.ndarray], ratios: list[float], like: str) -> list:
+    """The in-memory chronological cut as inclusive bounds: rows up to the timestamp at rank
+    round(r0 n) - 1 train, up to the one at rank round((r0 + r1) n) - 1 valid (ranks in time order;
+    None: no row)."""
+    got = list(_partition_map(n_parts, lambda j: _key_range(keys(j)), "timestamp range"))
     n = sum(r[0] for r in got)
     if n == 0:
         raise DataError("chronological: no interactions to cut")
-    lo = min(r[1] for r in got if r[0])
-    hi = max(r[2] for r in got if r[0])
+    lo, hi = min(r[1] for r in got if r[0]), max(r[2] for r in got if r[0])
     cuts = np.round(np.cumsum(np.asarray(ratios, np.float64))[:2] * n).astype(np.int64)
-    bounds = [(-np.inf if c == 0 else _kth(n_parts, values, int(c) - 1, lo, hi)) for c in cuts]
-    bounds[1] = max(bounds)
-    return [float(np.nextafter(b, np.inf)) for b in bounds]
+    bounds = [None if c == 0 else _kth(n_parts, keys, int(c) - 1, lo, hi) for c in cuts]
+    if bounds[0] is not None and (bounds[1] is None or bounds[1] < bounds[0]):
+        bounds[1] = bounds[0]
+    return [None if b is None else _from_key(b, like) for b in bounds]
 
 
-def _range_summary(v: np.ndarray) -> tuple[int, float, float]:
-    return (len(v), float(v.min()) if len(v) else 0.0, float(v.max()) if len(v) else 0.0)
+def _key_range(k: np.ndarray) -> tuple[int, int, int]:
+    return len(k), int(k.min()) if len(k) else 0, int(k.max()) if len(k) else 0
 
 
-def _kth(n_parts: int, values: Callable[[int], np.ndarray], k: int, lo: float, hi: float) -> float:
-    """The k-th smallest value (0-based) over every partition: histogram passes narrow [lo, hi]."""
-    closed, below = True, 0
+def _kth(n_parts: int, keys: Callable[[int], np.ndarray], k: int, lo: int, hi: int) -> int:
+    """The k-th smallest key (0-based) over every partition: each pass splits [lo, hi] into
+    HIST_BINS integer bins and keeps the one holding rank k, until it is one value or small enough
+    to collect (so ties, however many, end the search)."""
+    below = 0
     while lo < hi:
-        def inside(v, lo=lo, hi=hi, closed=closed):
-            return (v >= lo) & ((v < hi) | (closed & (v == hi)))
+        width = -(-(hi - lo + 1) // HIST_BINS)  # ceil, in Python ints: no overflow
 
-        edges = np.linspace(lo, hi, HIST_BINS + 1)
-        hist = sum(_partition_map(n_parts, lambda j, edges=edges, inside=inside: np.histogram(
-            (v := values(j))[inside(v)], bins=edges)[0], "cut-time histogram"))
+        def bins(j: int, lo: int = lo, hi: int = hi, width: int = width) -> np.ndarray:
+            v = keys(j)
+            v = v[(v >= lo) & (v <= hi)]
+            off = v.view(np.uint64) - np.uint64(lo % (1 << 64))  # v - lo, exact in uint64
+            return np.bincount((off // np.uint64(width)).astype(np.int64), minlength=HIST_BINS)
+
+        hist = sum(_partition_map(n_parts, bins, "cut-time histogram"))
         b = int(np.searchsorted(np.cumsum(hist), k - below, side="right"))
         below += int(hist[:b].sum())
-        lo, hi, closed = float(edges[b]), float(edges[b + 1]), closed and b == HIST_BINS - 1
-        if hist[b] <= COLLECT_MAX:
-            def take(j, lo=lo, hi=hi, closed=closed):
-                v = values(j)
-                return v[(v >= lo) & ((v < hi) | (closed & (v == hi)))]
+        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
+        if lo < hi and hist[b] <= COLLECT_MAX:
+            def take(j: int, lo: int = lo, hi: int = hi) -> np.ndarray:
+                v = keys(j)
+                return v[(v >= lo) & (v <= hi)]
 
-            vals = np.sort(np.concatenate(list(_partition_map(n_parts, take, "cut-time values"))))
-            return float(vals[k - below])
-    return float(lo)
+            values = np.sort(np.concatenate(list(_partition_map(n_parts, take, "cut-time values"))))
+            return int(values[k - below])
+    return lo
 
 
 # ---------------------------------------------------------------- running on Ray Data
@@ -421,6 +479,7 @@ def _kth(n_parts: int, values: Callable[[int], np.ndarray], k: int, lo: float, h
 def _partition_map(n_parts: int, fn: Callable[[int], object], what: str) -> Iterator:
     """`fn(j)` for every partition j as a Ray Data map (a task per partition, progress shown); results
     come back pickled, as they finish."""
+    @_carry_errors({"out": b""})
     def one(row: dict) -> dict:
         return {"out": pickle.dumps(fn(int(row["j"])))}
 
@@ -434,4 +493,26 @@ def _ray_map(items: list[dict], fn: Callable, what: str, batch: bool = False) ->
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(fn, batch_size=1) if batch else ds.map(fn)
     print(f"[xdtrain] prepare: {what} ({len(items)} task(s))", flush=True)
-    yield from ds.iter_rows()
+    for row in ds.iter_rows():
+        err = row["err"][0] if isinstance(row["err"], np.ndarray) else row["err"]
+        if err:
+            raise pickle.loads(err)  # a task's bad-input error, as itself
+        yield row
+
+
+def _carry_errors(empty: dict) -> Callable:
+    """Decorate a task function so that its DataError comes back as a value (`err`, the result being
+    `empty`): the driver then raises the error itself, not Ray's wrapper of it. Every result carries
+    `err` (empty bytes when none), and a failed one has the same columns as a good one."""
+    def wrap(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
+        def run(arg: dict) -> dict:
+            try:
+                out, err = fn(arg), b""
+            except DataError as e:
+                out, err = dict(empty), pickle.dumps(e)
+            batch = isinstance(next(iter(arg.values())), np.ndarray)
+            return {**out, "err": np.array([err], dtype=object) if batch else err}
+
+        return run
+
+    return wrap

@@ -95,6 +95,9 @@ class RecipeConfig:
     max_train_samples: int = 0  # train stream: first N next-item samples (0 = all)
     min_groups: int = 1  # at least this many row groups per stream when there are rows enough (workers)
     amid: Any = None  # recipe `amid`: its AmidDataConfig (xdtrain/data/amid_rows.py; streams O and D, fixed)
+    # chronological: inclusive upper timestamps of train and valid (None: below every row), exact in
+    # the timestamp's own type; what the distributed path finds for `ratios` (not a config key)
+    cut_values: list = field(default_factory=list)
 
     def check(self) -> None:
         """Raise DataError naming the bad key (as `data.<key>` of the engine config)."""
@@ -229,6 +232,11 @@ def split_interactions(interactions: pa.Table, cfg: RecipeConfig, name: str) -> 
     stats: dict = {}
     if cfg.name in ("leave_one_out", "leave_one_out_domain"):
         rows, part = leave_one_out_labels(interactions, by_domain=cfg.name == "leave_one_out_domain")
+    elif cfg.name == "chronological" and cfg.cut_values:
+        rows, ts = interactions, interactions["timestamp"].to_numpy()
+        part = np.zeros(len(ts), np.int64)
+        for bound in cfg.cut_values:
+            part += ts > bound if bound is not None else 1
     elif cfg.name == "chronological" and cfg.times:
         rows, part = interactions, time_cut_labels(interactions, cfg.times)
         stats["cut_times"] = list(cfg.times)
@@ -259,7 +267,7 @@ def split_interactions(interactions: pa.Table, cfg: RecipeConfig, name: str) -> 
 # ---------------------------------------------------------------- streams
 
 
-def _group_rows(n: int, cap: int, min_groups: int) -> int:
+def group_rows(n: int, cap: int, min_groups: int) -> int:
     """Rows per row group: at most `cap`, and small enough for `min_groups` groups (one per worker)."""
     return min(cap, max(1, n // max(1, min_groups)))
 
@@ -268,7 +276,7 @@ def _sequences_stream(split: Split, cfg: RecipeConfig, by_domain: bool = False) 
     seqs = split.train_sequences(by_domain=by_domain)
     seqs = seqs.filter(pc.greater_equal(pc.list_value_length(seqs["items"]), 2))
     seqs = first_samples(seqs, cfg.max_train_samples, seed=SAMPLE_SEED, where="data.max_train_samples")
-    group = _group_rows(seqs.num_rows, cfg.rows_per_group, cfg.min_groups)
+    group = group_rows(seqs.num_rows, cfg.rows_per_group, cfg.min_groups)
     samples = int(pc.sum(pc.list_value_length(seqs["items"])).as_py() or 0) - seqs.num_rows
     if not by_domain:
         return seqs, group, {"train_sequences": seqs.num_rows, "train_samples": samples, "row_group_rows": group}
@@ -282,7 +290,11 @@ def _domain_streams(split: Split) -> dict[str, pa.Table]:
     """`domain.<D>` -> the train sequences of domain D, one row per user."""
     seqs = build_sequences(split.train(), extra_columns=[], by_domain=True)
     dom = seqs["domain"]
-    return {DOMAIN_STREAM.format(d): seqs.filter(pc.equal(dom, d)) for d in sorted(pc.unique(dom).to_pylist())}
+    domains = sorted(pc.unique(dom).to_pylist())
+    bad = [d for d in domains if not d or "/" in d or "\\" in d or d in (".", "..")]
+    if bad:
+        raise DataError(f"{split.name}: domain name(s) {bad} cannot name a dataset folder (stream by_domain)")
+    return {DOMAIN_STREAM.format(d): seqs.filter(pc.equal(dom, d)) for d in domains}
 
 
 def _overlap_stream(split: Split) -> pa.Table:
@@ -353,11 +365,11 @@ def stream_tables(split: Split, source: InteractionsSource, cfg: RecipeConfig,
         elif name in ("by_domain", "overlap"):
             made = _domain_streams(split) if name == "by_domain" else {name: _overlap_stream(split)}
             for key, t in made.items():
-                out[key] = (name, t, _group_rows(t.num_rows, cfg.rows_per_group, cfg.min_groups))
+                out[key] = (name, t, group_rows(t.num_rows, cfg.rows_per_group, cfg.min_groups))
                 stats[f"{key}_rows"] = t.num_rows
         else:
             table = _labelled_stream(split, source) if name == "labelled" else items_table(split.rows, source)
-            out[name] = (name, table, _group_rows(table.num_rows, cfg.flat_rows_per_group, cfg.min_groups))
+            out[name] = (name, table, group_rows(table.num_rows, cfg.flat_rows_per_group, cfg.min_groups))
             stats[f"{name}_rows"] = table.num_rows
     return out, stats
 
@@ -377,7 +389,7 @@ class LocalRecipe:
                 raise DataError(f"{source.name}: recipe {cfg.name!r} leaves stream {key!r} empty")
             if table.num_rows == 0:
                 continue
-            url = write_dataset(table, Path(out_dir) / key, group)
+            url = write_dataset(table, Path(out_dir) / key, group, only_file=True)
             streams[key] = StreamData(url, STREAMS[name], table.num_rows, group)
         stats["recipe"] = cfg.name
         return RecipeOutput(streams, valid, test, split.item_ids, stats)

@@ -182,12 +182,14 @@ def write_parquet(table: pa.Table, path: str | Path, row_group_size: int | None 
         pq.write_table(table, f, row_group_size=row_group_size)
 
 
-def write_dataset(table: pa.Table, url: str | Path, rows_per_group: int = 1 << 20) -> str:
+def write_dataset(table: pa.Table, url: str | Path, rows_per_group: int = 1 << 20, only_file: bool = False) -> str:
     """`table` as a one-file Parquet dataset under folder `url` (row groups of `rows_per_group` rows:
-    the unit the streaming reader shards by), written atomically; returns the folder. Other `part-*`
-    files there (a previous, partitioned preparation's) are removed, so the folder is this table."""
+    the unit the streaming reader shards by), written atomically; returns the folder. `only_file`
+    (prepared data under a run's `data/`): the other `part-<n>.parquet` files there, a previous
+    partitioned preparation's, are removed so that the folder is this table."""
     write_parquet(table, Path(url) / "part-00000.parquet", row_group_size=max(1, rows_per_group))
-    for stale in Path(url).glob("part-*.parquet"):
-        if stale.name != "part-00000.parquet":
-            stale.unlink()
+    if only_file:
+        for stale in Path(url).glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"):
+            if stale.name != "part-00000.parquet":
+                stale.unlink()
     return str(Path(url))

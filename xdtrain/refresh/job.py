@@ -122,7 +122,18 @@ def build_version(cfg: RefreshConfig, src_dir: Path, step: int, version: str, ou
         raise ConfigError(f"{vdir} is being built from {source.get('checkpoint')}, not {src_dir}; "
                           "set version=<another name>")
     write_json_atomic(f"{vdir}/{SOURCE_FILE}", {"checkpoint": str(src_dir), "step": step}, fs)
-    data = prepare_data(cfg.data, work, min_groups=1)
+    connected: list = []
+
+    def connect() -> None:
+        from xdtrain.train.engine import connect_ray
+
+        if not connected:
+            # an embedded Ray gets a CPU per actor plus one for Ray Data's read tasks (else on a
+            # 2-core machine the 2 actors hold both CPUs and the read waits for ever)
+            connected.append(connect_ray(replace(cfg, scale=replace(cfg.scale, workers=cfg.workers + 1,
+                                                                    cpus_per_worker=1.0)), log))
+
+    data = prepare_data(cfg.data, work, min_groups=1, connect=connect)
     src = infer.ExportSource(cfg.model, data.model_data, str(src_dir), cfg.train.seed, cfg.scale.threads)
     model = infer.export_model(src)
     users = cfg.users or freeze_users(data, work, version)
@@ -134,11 +145,7 @@ def build_version(cfg: RefreshConfig, src_dir: Path, step: int, version: str, ou
     if cfg.workers > 0:
         import ray.data
 
-        from xdtrain.train.engine import connect_ray
-
-        # an embedded Ray gets a CPU per actor plus one for Ray Data's read tasks (else on a
-        # 2-core machine the 2 actors hold both CPUs and the read waits for ever)
-        connect_ray(replace(cfg, scale=replace(cfg.scale, workers=cfg.workers + 1, cpus_per_worker=1.0)), log)
+        connect()
         ray.data.DataContext.get_current().enable_progress_bars = False
     tables, source_rows = {}, {}
     for name, rows in sources.items():

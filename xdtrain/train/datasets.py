@@ -1,14 +1,19 @@
 """Driver-side data preparation for engine jobs: interactions -> a data recipe -> streamed training data.
 
-The driver loads the interactions once (a synthetic world, the shipped MovieLens, or any canonical
+In memory (`data.prepare=memory`, or `auto` below `data.memory_max_rows` interactions), the driver
+loads the interactions once (a synthetic world, the shipped MovieLens, or any canonical
 Parquet dataset) through the validated reader (`xdtrain.data.validate.read_dataset`: every file,
 schema and row group checked, string ids hashed to int64), applies the duplicate policy
-(`data.duplicates`), keeps the train domains, and runs the configured data recipe
+(`data.duplicates`) and the k-core (`data.k_core`), keeps the train domains, and runs the configured data recipe
 (`xdtrain.data.recipes`, `data.recipe`): it splits the interactions, writes each training stream of
 `data.streams` as Parquet row groups under `<run_dir>/data/<stream>` (the unit the workers'
 streaming readers shard by) and returns the valid/test `EvalSet`s. The default (leave-one-out, one
 stream "train" of `sequences` rows) is the engine's original protocol. Side tables the driver writes
-itself go to `<run_dir>/data/side/<kind>`.
+itself go to `<run_dir>/data/side/<kind>`. With `data.prepare=ray` the same recipe runs as a Ray Data
+pipeline over user partitions (`xdtrain.data.distributed`), giving the same outputs with driver
+memory bounded by the catalogue. Either way the eval rows are written under `<run_dir>/data/eval`
+and read back in chunks (`prepared_store`), and `<run_dir>/data/prepared.json`, written last, lets
+a re-run with the same inputs and `data:` config reuse everything.
 
 What every model may read (`ModelData`): the catalogue and eval domains, side tables by kind
 (`items` with text, and `interactions`: every loaded interaction before `train_domains` filtering,
@@ -46,6 +51,7 @@ from xdtrain.eval.candidates import EvalSet
 from xdtrain.models import ModelData
 from xdtrain.train.config import DataConfig
 from xdtrain.train.prepared_store import (
+    MANIFEST,
     input_fingerprint,
     load_manifest,
     read_catalogue,
@@ -175,7 +181,9 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1,
         world_interactions(cfg, run_dir)  # generated first: the fingerprint lists its files
     key = input_fingerprint(cfg, run_dir, min_groups)
     rec = load_manifest(data_dir, key) if cfg.reuse_prepared else None
-    if rec is not None:
+    if rec is None:
+        (data_dir / MANIFEST).unlink(missing_ok=True)  # what follows rewrites files the old one names
+    else:
         print(f"[xdtrain] data: reusing {data_dir} (inputs and data config unchanged)", flush=True)
         rec["stats"]["reused"] = True  # prepare_seconds is the original preparation's
         return _assemble(rec, cfg, data_dir)
@@ -288,12 +296,13 @@ def _record(data_dir: Path, out, valid: EvalSet, test: EvalSet, tables: dict, st
             extras: dict, model_domains: list[str] | None = None, item_domains: list[str] | None = None) -> dict:
     """Write the eval sets (and the catalogue) of an in-memory preparation; its manifest record."""
     for part, s in (("valid", valid), ("test", test)):
-        write_dataset(s.rows, data_dir / "eval" / part, 65536)
+        write_dataset(s.rows, data_dir / "eval" / part, 65536, only_file=True)
         write_catalogue(s.catalogue, s.item_counts, data_dir, part)
     write_parquet(pa.table({"item_id": pa.array(np.asarray(out.item_ids), pa.int64())}),
                   data_dir / "eval" / "item_ids.parquet")
     return {**_stream_record(out.streams), "stats": stats, "tables": tables,
             "names": {"valid": valid.name, "test": test.name}, "history_column": valid.history_column,
+            "catalogue_domains": {"valid": sorted(valid.catalogue), "test": sorted(test.catalogue)},
             "counts": valid.item_counts is not None, "subset": bool(subset), "model_domains": model_domains,
             "item_domains": item_domains, "sorted_eval": False, "extras": extras}
 
@@ -308,7 +317,7 @@ def _assemble(rec: dict, cfg: DataConfig, data_dir: Path) -> PreparedData:
     """The `PreparedData` of a manifest record: eval sets read back (eval_domains, user sample)."""
     sets = []
     for part in ("valid", "test"):
-        catalogue, counts = read_catalogue(data_dir, part)
+        catalogue, counts = read_catalogue(data_dir, part, rec.get("catalogue_domains", {}).get(part))
         sets.append(read_eval_set(data_dir / "eval" / part, catalogue, counts if rec["counts"] else None,
                                   rec["names"][part], cfg.eval_domains if rec["subset"] else [],
                                   cfg.eval_user_fraction, cfg.split_seed, rec["sorted_eval"], rec["history_column"]))

@@ -289,9 +289,9 @@ def run_evaluate(cfg: EngineConfig) -> dict:
     state = ck.open_checkpoint(src)
     run_dir = claim_output_dir(cfg.run_dir, "run_dir", overwrite=cfg.overwrite)
     with RayLog(run_dir, cfg.verbose) as log:
-        if cfg.ps.backend == "ray":
-            connect_ray(cfg, log)
-        data = prepare_data(cfg.data, run_dir, min_groups=1)
+        connected = [connect_ray(cfg, log)] if cfg.ps.backend == "ray" else []
+        data = prepare_data(cfg.data, run_dir, min_groups=1,
+                            connect=lambda: connected or connected.append(connect_ray(cfg, log)))
         model = build_model(cfg.model, data.model_data, cfg.train.seed)
         # the model a finetune from this checkpoint would start from (cfg.transfer): modules and tables
         # the checkpoint lacks are at their init, and the report says which

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,7 +36,9 @@ from xdtrain.train.config import DataConfig
 
 MANIFEST = "prepared.json"
 EVAL_SAMPLE_SEED = 7919  # mixed into data.split_seed for the eval-user sample
-CODE = ("xdtrain/data", "xdtrain/train/datasets.py", "xdtrain/train/prepared_store.py")
+CODE = ("xdtrain/data", "xdtrain/train/datasets.py", "xdtrain/train/prepared_store.py", "xdtrain/eval/candidates.py")
+AT_ASSEMBLY = ("eval_domains", "eval_user_fraction", "reuse_prepared")  # applied when the data is read back
+LARGE_EVAL = 2_000_000  # eval rows held by the driver beyond which it says how to hold fewer
 
 
 def input_fingerprint(cfg: DataConfig, run_dir: Path, min_groups: int) -> str:
@@ -55,7 +58,8 @@ def input_fingerprint(cfg: DataConfig, run_dir: Path, min_groups: int) -> str:
     for rel in CODE:
         for f in sorted((root / rel).rglob("*.py")) if (root / rel).is_dir() else [root / rel]:
             code.update(f.read_bytes())
-    blob = json.dumps({"data": asdict(cfg), "min_groups": min_groups, "files": files,
+    data = {k: v for k, v in asdict(cfg).items() if k not in AT_ASSEMBLY}
+    blob = json.dumps({"data": data, "min_groups": min_groups, "files": files,
                        "code": code.hexdigest()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -65,8 +69,8 @@ def _listing(url: str) -> list:
     if not fs.exists(path):
         return [url, "missing"]
     info = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
-    return sorted([p, d.get("size"), str(d.get("mtime") or d.get("LastModified") or d.get("updated") or "")]
-                  for p, d in info.items())
+    stamp = ("mtime", "LastModified", "last_modified", "updated")  # local, s3, azure, gcs
+    return sorted([p, d.get("size"), str(next((d[k] for k in stamp if d.get(k)), ""))] for p, d in info.items())
 
 
 # ---------------------------------------------------------------- eval sets
@@ -84,11 +88,13 @@ def write_catalogue(catalogue: dict[str, np.ndarray], counts: dict[str, np.ndarr
     write_parquet(table, data_dir / "eval" / f"catalogue_{part}.parquet")
 
 
-def read_catalogue(data_dir: Path, part: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def read_catalogue(data_dir: Path, part: str, domains: list[str] | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`write_catalogue`'s catalogues and counts; `domains` (the written ones) keeps empty ones."""
     table = pq.read_table(data_dir / "eval" / f"catalogue_{part}.parquet")
     doms = np.asarray(table["domain"].to_numpy(zero_copy_only=False))
     ids, cnt = table["item_id"].to_numpy(), table["count"].to_numpy()
-    names = sorted(set(doms.tolist()))
+    names = sorted(set(doms.tolist()) | set(domains or []))
     return {d: ids[doms == d] for d in names}, {d: cnt[doms == d] for d in names}
 
 
@@ -111,6 +117,9 @@ def read_eval_set(folder: str | Path, catalogue: dict[str, np.ndarray], counts: 
     if not kept:
         raise DataError(f"{folder}: no eval rows were prepared")
     rows = pa.concat_tables(kept).combine_chunks()
+    if rows.num_rows > LARGE_EVAL:
+        print(f"[xdtrain] warning: {name}: the driver holds {rows.num_rows:,} eval rows; data.eval_user_fraction "
+              "(a seeded user sample) or data.max_history hold fewer", file=sys.stderr, flush=True)
     if by_user:
         rows = rows.take(pc.sort_indices(rows, [("user_id", "ascending")]))  # stable
     if domains:
@@ -145,7 +154,8 @@ def load_manifest(data_dir: Path, key: str) -> dict | None:
     if rec.get("key") != key:
         return None
     files = ("catalogue_valid.parquet", "catalogue_test.parquet", "item_ids.parquet", "valid", "test")
-    urls = list(rec.get("streams", {}).values()) + [str(data_dir / "eval" / f) for f in files]
+    urls = [*rec.get("streams", {}).values(), *rec.get("tables", {}).values(),
+            *(str(data_dir / "eval" / f) for f in files)]
     if not all(fsspec.core.url_to_fs(u)[0].exists(fsspec.core.url_to_fs(u)[1]) for u in urls):
         return None
     return rec
