@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,12 +50,13 @@ def world(scale: str) -> Path:
 
 
 class TreeRSS:
-    """Peak RSS per process of a process tree, by role (driver, train worker, PS shard, Ray Data task)."""
+    """Peak RSS per process of a process tree, by role (driver, train worker, PS shard, Ray Data task).
+    A Ray worker process can serve tasks and later an actor, so each sample counts for the role the
+    process has at that moment."""
 
     def __init__(self, root: int, every: float = 0.5):
         self.root, self.every = root, every
-        self.peak: dict[int, int] = {}
-        self.role: dict[int, str] = {}
+        self.peak: dict[tuple[int, str], int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -63,10 +65,9 @@ class TreeRSS:
         while not self._stop.is_set():
             for pid in self._tree():
                 rss, role = _rss_and_role(pid)
-                if rss:
-                    self.peak[pid] = max(self.peak.get(pid, 0), rss)
-                    if role and role != "idle":
-                        self.role[pid] = role
+                role = "driver" if pid == self.root else role
+                if rss and role and role != "idle":
+                    self.peak[(pid, role)] = max(self.peak.get((pid, role), 0), rss)
             self._stop.wait(self.every)
 
     def _tree(self) -> list[int]:
@@ -88,10 +89,9 @@ class TreeRSS:
         """Peak RSS in MiB: the driver, and the maximum over the processes of each role."""
         self._stop.set()
         self._thread.join()
-        out = {"driver": self.peak.get(self.root, 0) / 1024}
-        for pid, role in self.role.items():
-            if pid != self.root:
-                out[role] = max(out.get(role, 0.0), self.peak[pid] / 1024)
+        out: dict[str, float] = {}
+        for (_, role), kib in self.peak.items():
+            out[role] = max(out.get(role, 0.0), kib / 1024)
         return {k: round(v) for k, v in out.items()}
 
 
@@ -109,7 +109,7 @@ def _rss_and_role(pid: int) -> tuple[int, str]:
 
 
 def run_job(scale: str, path: str, steps: int, fraction: float, out: Path) -> dict:
-    run_dir = out / f"{scale}_{path}"
+    run_dir = out / f"{scale}_{path}_{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: curves.jsonl appends
     over = [f"run_dir={run_dir}", "overwrite=true", f"data.world_url={world(scale)}", f"data.prepare={path}",
             "data.reuse_prepared=false", f"data.eval_user_fraction={fraction}", "train.epochs=1",
             f"train.max_steps={steps}", "train.eval_every=0", "train.max_minutes=0", "train.log_every=5",
@@ -130,6 +130,7 @@ def run_job(scale: str, path: str, steps: int, fraction: float, out: Path) -> di
     stats = json.loads((run_dir / "data" / "prepared.json").read_text())["stats"]
     recs = [json.loads(x) for x in (run_dir / "curves.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"][1:]
+    shutil.rmtree(run_dir)  # made by this run; the figures are taken
     return {"prepare_s": stats["prepare_seconds"], "interactions": stats["interactions"],
             "train_sequences": stats.get("train_sequences"), "partitions": stats.get("partitions", 1),
             "samples_per_s": statistics.median(r["samples_per_s"] for r in train) if train else None,
@@ -141,6 +142,7 @@ def main() -> None:
     p.add_argument("--scales", nargs="+", default=["1e7", "1e8"], choices=list(SCALES),
                    help="the in-memory baseline runs at 1e7 (include it for the ratios)")
     p.add_argument("--steps", type=int, default=300, help="training steps per run (0 = one whole epoch)")
+    p.add_argument("--paths", nargs="+", default=["memory", "ray"], choices=["memory", "ray"])
     p.add_argument("--eval-user-fraction", type=float, default=0.0005)
     p.add_argument("--out", default=str(ROOT / "runs" / "prepare_bench"))
     p.add_argument("--json", default="")
@@ -149,12 +151,13 @@ def main() -> None:
     results = {}
     print(f"prepare bench: scales {args.scales}, {args.steps} training steps; load {os.getloadavg()[0]:.2f}")
     for scale in args.scales:
-        for path in (["memory", "ray"] if scale == "1e7" else ["ray"]):  # 1e8 in memory: ~25 GB (the bench shows why)
+        paths = ["memory", "ray"] if scale == "1e7" else ["ray"]  # 1e8 in memory: ~25 GB (the bench shows why)
+        for path in [x for x in paths if x in args.paths]:
             key = f"{scale} {path}"
             print(f"[prepare_bench] {key}", flush=True)
             results[key] = run_job(scale, path, args.steps, args.eval_user_fraction, out)
             print(f"[prepare_bench] {key}: {json.dumps(results[key])}", flush=True)
-    base = results.get("1e7 memory") or next(iter(results.values()))
+    base = results.get("1e7 memory") or next(iter(results.values()))  # without it: ratios to the first run
     print(f"\n{'run':<12} {'interactions':>13} {'prepare s':>10} {'vs memory':>10} {'samples/s':>10} "
           f"{'vs memory':>10} {'driver MiB':>11} {'worker MiB':>11} {'PS MiB':>7} {'Data task MiB':>14}")
     for key, r in results.items():
