@@ -181,12 +181,11 @@ def prepare_data(cfg: DataConfig, run_dir: str | Path, min_groups: int = 1,
         world_interactions(cfg, run_dir)  # generated first: the fingerprint lists its files
     key = input_fingerprint(cfg, run_dir, min_groups)
     rec = load_manifest(data_dir, key) if cfg.reuse_prepared else None
-    if rec is None:
-        (data_dir / MANIFEST).unlink(missing_ok=True)  # what follows rewrites files the old one names
-    else:
+    if rec is not None:
         print(f"[xdtrain] data: reusing {data_dir} (inputs and data config unchanged)", flush=True)
         rec["stats"]["reused"] = True  # prepare_seconds is the original preparation's
         return _assemble(rec, cfg, data_dir)
+    (data_dir / MANIFEST).unlink(missing_ok=True)  # what follows rewrites files the old one names
     if cfg.recipe == "amid" or cfg.source == "released":
         rec = _prepare_amid(cfg, run_dir, min_groups)
     elif use_distributed(cfg, run_dir, min_groups):
