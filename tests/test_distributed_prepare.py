@@ -114,7 +114,7 @@ def test_chronological_cut_times_are_exact_when_refined(tmp_path, monkeypatch, t
     """The histogram forced to refine (3 bins, collect at 10 values): the in-memory cut times, also
     with nanosecond-sized integer timestamps (past float64's 2^53) and hundreds of rows tied on the
     cut's timestamp."""
-    import xdtrain.data.distributed as dist
+    import xdtrain.data.exact_rank as dist
 
     monkeypatch.setattr(dist, "HIST_BINS", 3)
     monkeypatch.setattr(dist, "COLLECT_MAX", 10)
@@ -197,7 +197,8 @@ def test_a_failed_preparation_is_never_reused(tmp_path, capsys):
 
 
 def test_float_timestamps_map_to_int64_keys_in_order_and_back():
-    from xdtrain.data.distributed import _from_key, _to_key
+    from xdtrain.data.exact_rank import from_key as _from_key
+    from xdtrain.data.exact_rank import to_key as _to_key
 
     v = np.array([-np.inf, -3.5, -1e-300, -0.0, 0.0, 1e-300, 2.25, 1.7e18, np.inf])
     keys = _to_key(v)

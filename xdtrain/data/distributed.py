@@ -13,7 +13,7 @@ partitions. No process holds more than one partition or one row group of the log
   3. k-core    (`k_core` > 1) each pass keeps, per partition, the rows of the current item set whose
                user still has >= k of them, and counts items; the item set is iterated to its fixed
                point (the k-core is unique, so this is the in-memory `k_core`'s result).
-  4. cuts      (chronological by ratios) the exact global cut times: histograms of the timestamps,
+  4. cuts      (chronological by ratios) the exact global cut times (`exact_rank`): histograms of the timestamps,
                refined until the rank's bin is small enough to collect.
   5. split     each partition runs the in-memory split (`split_interactions`) and stream builders
                (`stream_tables`) on its users and writes its part of every stream (`<out>/<stream>/
@@ -29,11 +29,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from xdtrain.data.evalrows import with_seen_flags
+from xdtrain.data.exact_rank import cut_values, to_key
+from xdtrain.data.partition_map import carry_errors, partition_map, ray_map
 from xdtrain.data.recipes import (
     STREAMS,
     InteractionsSource,
@@ -61,8 +62,6 @@ from xdtrain.data.validate import drop_duplicates, open_dataset, read_unit
 from xdtrain.outputs import pid_alive
 
 COLUMNS = ["user_id", "item_id", "domain", "timestamp"]
-HIST_BINS = 1 << 16  # timestamp histogram bins per refinement pass (cut times)
-COLLECT_MAX = 1 << 20  # timestamps collected to the driver once a bin holds at most this many
 SCRATCH_MARK = "preparing.json"
 _NO_COUNTS = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
@@ -151,7 +150,7 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
                                  pa.string() if f.name == "domain" else f.type) for f in ds.schema])
 
     # 1. shuffle by user
-    @_carry_errors({"rows": np.zeros((1, n_parts), np.int64)})
+    @carry_errors({"rows": np.zeros((1, n_parts), np.int64)})
     def shuffle(batch: dict) -> dict:
         for i in batch["unit"]:
             rows = hash_id_columns(pa.Table.from_batches([read_unit(ds, ds.units[int(i)])]), "interactions")
@@ -162,7 +161,7 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
         return {"rows": np.bincount(part, minlength=n_parts)[None, :]}
 
     written = np.zeros(n_parts, np.int64)
-    for r in _ray_map([{"unit": i} for i in range(len(ds.units))], shuffle, "shuffle by user", batch=True):
+    for r in ray_map([{"unit": i} for i in range(len(ds.units))], shuffle, "shuffle by user", batch=True):
         written += r["rows"]
 
     # 2. clean: duplicates
@@ -177,7 +176,7 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
         return {"dups": dups, "counts": _item_counts(t), "rows": t.num_rows}
 
     counts, stats["duplicates"], rows_clean = _NO_COUNTS, 0, 0
-    for r in _partition_map(n_parts, clean, "drop duplicates"):
+    for r in partition_map(n_parts, clean, "drop duplicates"):
         counts = _merge_counts([counts, r["counts"]])  # folded as they come: catalogue-sized
         stats["duplicates"] += r["dups"]
         rows_clean += r.get("rows", 0)
@@ -189,7 +188,7 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
         while True:
             passes += 1
             k_items = pa.array(kept, pa.int64())
-            got = _partition_map(n_parts, lambda j, k_items=k_items: {
+            got = partition_map(n_parts, lambda j, k_items=k_items: {
                 "counts": _item_counts(_core(_clean(work, j), k_items, src.k_core))}, f"k-core pass {passes}")
             counts = _merge_counts(r["counts"] for r in got)
             new = counts[0][counts[1] >= src.k_core]
@@ -205,7 +204,7 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
     # source items ('seen' flags) and the train domains
     source_doms = list(src.source_domains or src.train_domains)
     present_set, source_items, kept_rows = set(), np.zeros(0, np.int64), 0
-    for r in _partition_map(n_parts, lambda j: _domain_summary(filtered(j), source_doms), "catalogue"):
+    for r in partition_map(n_parts, lambda j: _domain_summary(filtered(j), source_doms), "catalogue"):
         present_set |= r["domains"]
         source_items = np.union1d(source_items, r["source_items"])
         kept_rows += r["rows"]
@@ -221,7 +220,7 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
     part_cfg = cfg
     if cfg.name == "chronological" and not cfg.times:
         like = "int" if pa.types.is_integer(schema.field("timestamp").type) else "float"
-        cuts = _cut_values(n_parts, lambda j: _timestamps(filtered(j), src.train_domains), cfg.ratios, like)
+        cuts = cut_values(n_parts, lambda j: _timestamps(filtered(j), src.train_domains), cfg.ratios, like)
         part_cfg = replace(cfg, cut_values=cuts)
 
     # 5. split each partition, write its part of every stream and of the eval rows
@@ -260,7 +259,7 @@ def _run(src: DistributedInput, cfg: RecipeConfig, out_dir: Path, work: Path) ->
 
     try:
         got, pairs = [], None
-        for r in _partition_map(n_parts, split_part, f"split ({cfg.name})"):
+        for r in partition_map(n_parts, split_part, f"split ({cfg.name})"):
             if not r["empty"]:  # folded as they come: the driver holds one catalogue's worth of pairs
                 pairs = r.pop("items") if pairs is None else pa.concat_tables([pairs, r.pop("items")]).group_by(
                     ["domain", "item_id"]).aggregate([("train", "sum")]).rename_columns(["domain", "item_id", "train"])
@@ -365,23 +364,7 @@ def _domain_summary(t: pa.Table, source_domains: list[str]) -> dict:
 
 def _timestamps(t: pa.Table, domains: tuple[str, ...]) -> np.ndarray:
     """Order-preserving int64 keys of the timestamps (`_to_key`)."""
-    return _to_key(np.asarray(_keep(t, list(domains))["timestamp"].to_numpy()))
-
-
-def _to_key(v: np.ndarray) -> np.ndarray:
-    """int64 keys in the order of `v`: integers as they are, floats by their IEEE bits (negative
-    ones flipped), so that ranks are found exactly whatever the type."""
-    if np.issubdtype(v.dtype, np.integer):
-        return v.astype(np.int64)
-    bits = np.ascontiguousarray(v, np.float64).view(np.int64)
-    return np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
-
-
-def _from_key(key: int, like: str) -> int | float:
-    if like == "int":
-        return int(key)
-    bits = np.int64(key)
-    return float(np.asarray(bits if bits >= 0 else bits ^ np.int64(0x7FFFFFFFFFFFFFFF)).view(np.float64))
+    return to_key(np.asarray(_keep(t, list(domains))["timestamp"].to_numpy()))
 
 
 def _first_time(split, part: int) -> float | None:
@@ -423,96 +406,3 @@ def _align_counts(pairs: pa.Table, catalogue: np.ndarray) -> np.ndarray:
     out = np.zeros(len(catalogue), np.int64)
     out[np.searchsorted(catalogue, ids)] = counts  # every pair's item is in its domain's catalogue
     return out
-
-
-def _cut_values(n_parts: int, keys: Callable[[int], np.ndarray], ratios: list[float], like: str) -> list:
-    """The in-memory chronological cut as inclusive bounds: rows up to the timestamp at rank
-    round(r0 n) - 1 train, up to the one at rank round((r0 + r1) n) - 1 valid (ranks in time order;
-    None: no row)."""
-    got = list(_partition_map(n_parts, lambda j: _key_range(keys(j)), "timestamp range"))
-    n = sum(r[0] for r in got)
-    if n == 0:
-        raise DataError("chronological: no interactions to cut")
-    lo, hi = min(r[1] for r in got if r[0]), max(r[2] for r in got if r[0])
-    cuts = np.round(np.cumsum(np.asarray(ratios, np.float64))[:2] * n).astype(np.int64)
-    bounds = [None if c == 0 else _kth(n_parts, keys, int(c) - 1, lo, hi) for c in cuts]
-    if bounds[0] is not None and (bounds[1] is None or bounds[1] < bounds[0]):
-        bounds[1] = bounds[0]
-    return [None if b is None else _from_key(b, like) for b in bounds]
-
-
-def _key_range(k: np.ndarray) -> tuple[int, int, int]:
-    return len(k), int(k.min()) if len(k) else 0, int(k.max()) if len(k) else 0
-
-
-def _kth(n_parts: int, keys: Callable[[int], np.ndarray], k: int, lo: int, hi: int) -> int:
-    """The k-th smallest key (0-based) over every partition: each pass splits [lo, hi] into
-    HIST_BINS integer bins and keeps the one holding rank k, until it is one value or small enough
-    to collect (so ties, however many, end the search)."""
-    below = 0
-    while lo < hi:
-        width = -(-(hi - lo + 1) // HIST_BINS)  # ceil, in Python ints: no overflow
-
-        def bins(j: int, lo: int = lo, hi: int = hi, width: int = width) -> np.ndarray:
-            v = keys(j)
-            v = v[(v >= lo) & (v <= hi)]
-            off = v.view(np.uint64) - np.uint64(lo % (1 << 64))  # v - lo, exact in uint64
-            return np.bincount((off // np.uint64(width)).astype(np.int64), minlength=HIST_BINS)
-
-        hist = sum(_partition_map(n_parts, bins, "cut-time histogram"))
-        b = int(np.searchsorted(np.cumsum(hist), k - below, side="right"))
-        below += int(hist[:b].sum())
-        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
-        if lo < hi and hist[b] <= COLLECT_MAX:
-            def take(j: int, lo: int = lo, hi: int = hi) -> np.ndarray:
-                v = keys(j)
-                return v[(v >= lo) & (v <= hi)]
-
-            values = np.sort(np.concatenate(list(_partition_map(n_parts, take, "cut-time values"))))
-            return int(values[k - below])
-    return lo
-
-
-# ---------------------------------------------------------------- running on Ray Data
-
-
-def _partition_map(n_parts: int, fn: Callable[[int], object], what: str) -> Iterator:
-    """`fn(j)` for every partition j as a Ray Data map (a task per partition, progress shown); results
-    come back pickled, as they finish."""
-    @_carry_errors({"out": b""})
-    def one(row: dict) -> dict:
-        return {"out": pickle.dumps(fn(int(row["j"])))}
-
-    for r in _ray_map([{"j": j} for j in range(n_parts)], one, what):
-        yield pickle.loads(r["out"])
-
-
-def _ray_map(items: list[dict], fn: Callable, what: str, batch: bool = False) -> Iterator[dict]:
-    import ray.data
-
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(fn, batch_size=1) if batch else ds.map(fn)
-    print(f"[xdtrain] prepare: {what} ({len(items)} task(s))", flush=True)
-    for row in ds.iter_rows():
-        err = row["err"][0] if isinstance(row["err"], np.ndarray) else row["err"]
-        if err:
-            raise pickle.loads(err)  # a task's bad-input error, as itself
-        yield row
-
-
-def _carry_errors(empty: dict) -> Callable:
-    """Decorate a task function so that its DataError comes back as a value (`err`, the result being
-    `empty`): the driver then raises the error itself, not Ray's wrapper of it. Every result carries
-    `err` (empty bytes when none), and a failed one has the same columns as a good one."""
-    def wrap(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-        def run(arg: dict) -> dict:
-            try:
-                out, err = fn(arg), b""
-            except DataError as e:
-                out, err = dict(empty), pickle.dumps(e)
-            batch = isinstance(next(iter(arg.values())), np.ndarray)
-            return {**out, "err": np.array([err], dtype=object) if batch else err}
-
-        return run
-
-    return wrap
