@@ -48,11 +48,13 @@ def metrics(model: Amid, ps: LocalPS, ev: RankingEval) -> dict[str, dict[str, fl
 
 def fit_and_track(cfg: AmidConfig, rows: AmidRows, valid: EvalSet, test: EvalSet, domains: list[str],
                   item_domains: dict, candidates: str, seed: int, epochs: int, batch_size: int = 256,
-                  evals: tuple[RankingEval, RankingEval] | None = None) -> list[dict]:
-    """Train one AMID variant for `epochs` phase epochs; [{"epoch", "valid", "test"}] per epoch."""
+                  evals: tuple[RankingEval, RankingEval] | None = None, model: Amid | None = None,
+                  ps: LocalPS | None = None) -> list[dict]:
+    """Train one AMID variant for `epochs` phase epochs; [{"epoch", "valid", "test"}] per epoch.
+    `model` / `ps`: built by the caller (a diagnostic subclass, or to inspect them after training)."""
     torch.manual_seed(seed)
-    model = Amid(cfg, domains, item_domains, seed)
-    ps = local_ps(model)
+    model = model if model is not None else Amid(cfg, domains, item_domains, seed)
+    ps = ps if ps is not None else local_ps(model)
     prog = resolve_program(model, batch_size=batch_size, epochs=epochs, patience=0, lr=cfg.lr,
                            betas=(0.9, 0.98), weight_decay=0.0)
     ev_valid, ev_test = evals or (evaluator(valid, candidates, seed), evaluator(test, candidates, seed))
