@@ -4,9 +4,9 @@ taken apart, several seeds, non-overlapping and overlapping test users separatel
     python scripts/amid_mim_probe.py --seeds 0 1 2 --stay 0.6 0.0 --worlds aligned control \
         --out runs/amid_mim_probe.json
 
-Per world (tests/test_amid_world.py's world and model; `--stay` = the cluster chain's stickiness, 0 =
-items drawn i.i.d. from the user's interest mixture) and seed, K_u 25%, test NDCG@10 at the best
-validation epoch of:
+Per world (spec test F's world and model: WORLD_F, MODEL_F in xdtrain/models/amid_local.py; `--stay` =
+the cluster chain's stickiness, 0 = items drawn i.i.d. from the user's interest mixture) and seed,
+K_u 25%, test NDCG@10 at the best validation epoch of:
   backbone        no MIM
   mim             eq. 3-7 as configured (pairwise, cosine k 0.5, straight-through gate, self-message)
   mim self only   k = 2 (no cosine reaches it): only an overlapping user's own other-domain message
@@ -30,14 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
-
-from test_amid_world import EPOCHS, MODEL, WORLD  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xdtrain.data.amid_rows import AmidDataConfig, domain_catalogues, eval_set, rows_from_logs  # noqa: E402
 from xdtrain.data.synthetic.open_world import OpenWorld, cluster_of, open_world  # noqa: E402
 from xdtrain.models.amid import ITEM, Amid, AmidConfig  # noqa: E402
-from xdtrain.models.amid_local import METHODS, fit_and_track, pick  # noqa: E402
+from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick  # noqa: E402
 from xdtrain.nn.sparse import PAD_ID, Rows  # noqa: E402
 from xdtrain.ps import LocalPS  # noqa: E402
 from xdtrain.train.local_program import local_ps  # noqa: E402
@@ -110,7 +108,7 @@ def run(world: OpenWorld, seed: int, epochs: int, variants: list[str]) -> dict:
     valid, test = (eval_set(getattr(rows, s), world.domains, cat, s) for s in ("valid", "test"))
     out, tag = {}, f"seed {seed} {'aligned' if world.aligned else 'control'} stay {world.stay}"
     for name in variants:
-        cfg = AmidConfig(**{**MODEL, **VARIANTS[name]})
+        cfg = AmidConfig(**{**MODEL_F, **VARIANTS[name]})
         torch.manual_seed(seed)
         model = (OracleGroups(world, cfg, list(world.domains), cat, seed) if name == "mim oracle"
                  else Amid(cfg, list(world.domains), cat, seed))
@@ -134,14 +132,15 @@ def main() -> None:
     p.add_argument("--worlds", nargs="+", default=["aligned"], choices=["aligned", "control"],
                    help="control: the second domain's interest mixtures drawn independently")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--epochs", type=int, default=EPOCHS_F)
     p.add_argument("--out", default="runs/amid_mim_probe.json")
     args = p.parse_args()
     torch.set_num_threads(1)
     res = {}
     for kind in args.worlds:
         for stay in args.stay:
-            worlds = {s: OpenWorld(seed=s, **{**WORLD, "stay": stay, "aligned": kind == "aligned"}) for s in args.seeds}
+            world = {**WORLD_F, "stay": stay, "aligned": kind == "aligned"}
+            worlds = {s: OpenWorld(seed=s, **world) for s in args.seeds}
             res[f"{kind}, stay {stay}"] = {str(s): run(w, s, args.epochs, args.variants) for s, w in worlds.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))

@@ -19,7 +19,7 @@ import torch
 from xdtrain.data.amid_rows import AmidDataConfig, domain_catalogues, eval_set, rows_from_logs
 from xdtrain.data.synthetic.open_world import OpenWorld, cluster_of, open_world
 from xdtrain.models.amid import AmidConfig
-from xdtrain.models.amid_local import METHODS, fit_and_track, pick
+from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick
 
 SEEDS = (0, 1, 2)
 
@@ -58,11 +58,7 @@ def test_the_world_gives_amid_rows_with_few_overlapping_users():
 
 # ---------------------------------------------------------------- the learning test (slow)
 
-# Sized so that the models learn: at 1,500 users and 5 epochs (about 25 iterations) every model stayed at
-# a random ranking's NDCG@10 (0.089 with 50 negatives), so the earlier gaps said nothing (docs/amid.md).
-WORLD = dict(users=5000, overlap=0.15, noise=0.1)
-MODEL = dict(backbone="sasrec", d=16, max_len=10, layers=1, heads=2, dropout=0.0, lr=1e-2, lr2=3e-5, item_lr=3e-2)
-EPOCHS = 40
+WORLD, MODEL, EPOCHS = WORLD_F, MODEL_F, EPOCHS_F  # sized so that the models learn (docs/amid.md)
 RANDOM_NDCG10 = sum(1 / np.log2(r + 2) for r in range(10)) / 51  # the target uniform among 51 candidates
 
 

@@ -22,6 +22,12 @@ from xdtrain.train.config import EvalSection
 from xdtrain.train.evaluation import RankingEval
 from xdtrain.train.local_program import local_ps, run_epochs
 
+# Spec test F's open world and model (tests/test_amid_world.py, scripts/amid_mim_probe.py). Sized so that
+# the backbone learns: at 1,500 users and 5 epochs every model stayed at a random ranking (docs/amid.md).
+WORLD_F = dict(users=5000, overlap=0.15, noise=0.1)
+MODEL_F = dict(backbone="sasrec", d=16, max_len=10, layers=1, heads=2, dropout=0.0, lr=1e-2, lr2=3e-5, item_lr=3e-2)
+EPOCHS_F = 40
+
 METHODS = {  # the headline comparison (spec §10.1-7): model flags of each baseline
     "backbone": {"mim": False, "estimator": "none"},
     "mim": {"mim": True, "estimator": "none"},
