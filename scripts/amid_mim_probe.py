@@ -65,9 +65,9 @@ class OracleGroups(Amid):
         for z, mim in enumerate(self.mim):
             mim.group_scores = lambda s1, m1, s2, m2, z=z: self._oracle(z)
 
-    def represent(self, b: dict[str, Tensor], items) -> Tensor:
+    def encode(self, b: dict[str, Tensor], items: Rows) -> tuple[list[Tensor], list[Tensor]]:
         self._dom = (dominant(self.world, b["d1"]), dominant(self.world, b["d2"]))
-        return super().represent(b, items)
+        return super().encode(b, items)
 
     def _oracle(self, z: int) -> Tensor:
         mine, theirs = self._dom[z], self._dom[1 - z]
@@ -85,10 +85,7 @@ def group_stats(model: Amid, ps: LocalPS, world: OpenWorld, test) -> dict[str, f
                          t["overlap"].to_numpy(zero_copy_only=False))
         ids = torch.cat([b["d1"].reshape(-1), b["d2"].reshape(-1)])
         uniq = np.unique(ids[ids != PAD_ID].numpy())
-        items = Rows(uniq, ps.pull(ITEM, uniq))
-        model.represent(b, items)  # as at eval (and it hands OracleGroups this group's clusters)
-        masks = [b["d1"] != PAD_ID, b["d2"] != PAD_ID]
-        states = [enc(model._embed(items, b[k]), m) for enc, k, m in zip(model.enc, ("d1", "d2"), masks)]
+        states, masks = model.encode(b, Rows(uniq, ps.pull(ITEM, uniq)))
         dom = (dominant(world, b["d1"]), dominant(world, b["d2"]))
         for z in (0, 1):
             mim = model.mim[z]

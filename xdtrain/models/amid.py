@@ -186,11 +186,15 @@ class Amid(nn.Module):
         safe = torch.where(ids == PAD_ID, items.ids[0] if items.ids.numel() else ids, ids)
         return items(safe) * (ids != PAD_ID).unsqueeze(-1).to(items.weight.dtype)
 
+    def encode(self, b: dict[str, Tensor], items: Rows) -> tuple[list[Tensor], list[Tensor]]:
+        """Each domain's encoder states S^Z [B, T, d] and their masks (real items), both domains."""
+        masks = [b["d1"] != PAD_ID, b["d2"] != PAD_ID]
+        return [enc(self._embed(items, b[k]), m) for enc, k, m in zip(self.enc, ("d1", "d2"), masks)], masks
+
     def represent(self, b: dict[str, Tensor], items: Rows) -> Tensor:
         """[B, d] Mean(S*) of each row's target domain (Mean(S) without MIM); the MIM group of a
         row is the rows of this batch."""
-        masks = [b["d1"] != PAD_ID, b["d2"] != PAD_ID]
-        states = [enc(self._embed(items, b[k]), m) for enc, k, m in zip(self.enc, ("d1", "d2"), masks)]
+        states, masks = self.encode(b, items)
         users = []
         for z in (0, 1):
             if self.mim is not None:
