@@ -49,6 +49,21 @@ def test_pull_push_steps_the_ps_rows_like_sgd():
     np.testing.assert_allclose(after.numpy(), (before - 0.5 * torch.tensor([[1.0], [3.0]])).numpy(), rtol=1e-6)
 
 
+def test_rows_the_loss_did_not_reach_are_not_pushed_so_adam_leaves_them_alone():
+    ps = LocalPS(2)
+    ps.create_table(TableSpec("t", 3, init="normal", init_scale=0.1, optimizer=OptimizerSpec("adam", lr=0.1)))
+    for _ in range(2):  # give rows 5 and 9 Adam moments
+        emb = pull_rows(ps, {"t": torch.tensor([5, 9])})
+        emb["t"](torch.tensor([5, 9])).sum().backward()
+        push_grads(ps, emb)
+    before = ps.pull("t", np.array([5, 9])).clone()
+    emb = pull_rows(ps, {"t": torch.tensor([5, 9])})  # 9 is pulled but used only detached
+    (emb["t"](torch.tensor([5])).sum() + 0 * emb["t"](torch.tensor([9])).detach().sum()).backward()
+    assert push_grads(ps, emb) == 1
+    after = ps.pull("t", np.array([5, 9]))
+    assert not torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
 def sequences() -> pa.Table:
     rng = np.random.default_rng(0)
     catalogue = np.sort(rng.choice(10_000, 60, replace=False)).astype(np.int64)

@@ -129,16 +129,25 @@ def _routed(ps: Any, uniq: np.ndarray):
 
 
 def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
-    """Push each table's row gradients (times `scale`) to the PS; returns the number of rows pushed."""
+    """Push each table's row gradients (times `scale`) to the PS; returns the number of rows pushed.
+    Rows whose gradient is all zero (pulled, but the loss did not reach them: a detached input, the
+    branch torch.where dropped, a padding row) are not pushed: a stateful PS optimizer would step them
+    on its momentum alone (Adam moves a row about 2/3 of a step on a zero push)."""
     n = 0
     for table, r in rows.items():
         if r.ids.numel() == 0 or r.weight.grad is None:
             continue
         g = r.grad()
+        ids = r.ids.cpu().numpy()
+        reached = g.any(axis=1)
+        if not reached.all():
+            ids, g = ids[reached], g[reached]
+        if len(ids) == 0:
+            continue
         if scale != 1.0:
             g *= scale
-        ps.push(table, r.ids.cpu().numpy(), g)
-        n += r.ids.numel()
+        ps.push(table, ids, g)
+        n += len(ids)
     return n
 
 
