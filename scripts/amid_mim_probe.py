@@ -32,10 +32,9 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xdtrain.data.amid_rows import AmidDataConfig, domain_catalogues, eval_set, rows_from_logs  # noqa: E402
-from xdtrain.data.synthetic.open_world import OpenWorld, cluster_of, open_world  # noqa: E402
+from xdtrain.data.synthetic.open_world import OpenWorld, cluster_of  # noqa: E402
 from xdtrain.models.amid import ITEM, Amid, AmidConfig  # noqa: E402
-from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick  # noqa: E402
+from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick, world_data  # noqa: E402
 from xdtrain.nn.sparse import PAD_ID, Rows  # noqa: E402
 from xdtrain.ps import LocalPS  # noqa: E402
 from xdtrain.train.local_program import local_ps  # noqa: E402
@@ -100,9 +99,7 @@ def group_stats(model: Amid, ps: LocalPS, world: OpenWorld, test) -> dict[str, f
 
 
 def run(world: OpenWorld, seed: int, epochs: int, variants: list[str]) -> dict:
-    rows = rows_from_logs(open_world(world), AmidDataConfig(world.domains, k_u=0.25, seed=seed))
-    cat = domain_catalogues([rows.D, rows.valid, rows.test], world.domains)
-    valid, test = (eval_set(getattr(rows, s), world.domains, cat, s) for s in ("valid", "test"))
+    rows, cat, valid, test = world_data(world, 0.25, seed)
     out, tag = {}, f"seed {seed} {'aligned' if world.aligned else 'control'} stay {world.stay}"
     for name in variants:
         cfg = AmidConfig(**{**MODEL_F, **VARIANTS[name]})

@@ -69,6 +69,24 @@ def test_k_u_keeps_every_overlapping_row_and_int_k_u_of_the_others(n_ov, n_no, k
     assert keys(D.filter(pa.array(ob == 1))) == keys(O) and ob.sum() == want
 
 
+def test_mnar_keeps_the_exact_count_and_observes_rows_with_popular_targets_more_often():
+    # 300 non-overlapping rows [9, 2, target]: target 1 (100 rows), 2 (100) or one of 3..102 (once each);
+    # counts in all lists: item 2 400 (every list, twice where it is the target), item 1 100, the rest 1
+    n_no = 300
+    targets = [1] * 100 + [2] * 100 + list(range(3, 103))
+    seqs = [[9, 2, t] for t in targets]
+    rows = make_rows(np.arange(n_no + 10), seqs + [[1]] * 10, [[]] * n_no + [[5]] * 10, np.zeros(n_no + 10))
+    base = subsample_observed(rows, 0.25, seed=3)[0]
+    assert base.equals(subsample_observed(rows, 0.25, seed=3, mnar=0.0)[0])  # mnar 0: the released draw
+    O, D = subsample_observed(rows, 0.25, seed=3, mnar=2.0)  # noqa: E741
+    assert O.num_rows == 10 + 75 and pc.sum(O["overlap"]).as_py() == 10  # counts as without MNAR
+    kept = strip_target(O.filter(pc.invert(O["overlap"])))[0]
+    # weights ∝ count²: 100 rows at 400², 100 at 100², 100 at 1² (94% of the mass on target 2's rows)
+    assert (kept == 2).mean() > 0.7 and (kept > 2).sum() <= 2
+    with pytest.raises(DataError, match="data.mnar"):
+        subsample_observed(rows, 0.25, seed=3, mnar=-1.0)
+
+
 def test_splits_share_no_row_valid_is_observed_and_the_target_is_never_in_its_history():
     rows = rows_from_logs(fixture_logs(), fixture_config())
     assert not keys(rows.D) & keys(rows.test) and not keys(rows.valid) & keys(rows.D)

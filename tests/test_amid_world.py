@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from xdtrain.data.amid_rows import AmidDataConfig, domain_catalogues, eval_set, rows_from_logs
+from xdtrain.data.amid_rows import AmidDataConfig, rows_from_logs
 from xdtrain.data.synthetic.open_world import OpenWorld, cluster_of, open_world
 from xdtrain.models.amid import AmidConfig
-from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick
+from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick, world_data
 
 SEEDS = (0, 1, 2)
 
@@ -49,6 +49,17 @@ def test_the_world_shares_interests_across_domains_only_when_aligned():
     assert lengths.min() >= cfg.len_single[0] and lengths.max() <= 2 * cfg.len_overlap[1]
 
 
+def test_item_skew_makes_each_clusters_first_items_popular_and_zero_keeps_the_uniform_world():
+    assert open_world(OpenWorld(users=200, seed=4)).equals(open_world(OpenWorld(users=200, seed=4, item_skew=0.0)))
+    w = OpenWorld(users=600, seed=4, noise=0.0, item_skew=1.0)
+    items = open_world(w)["item_id"].to_numpy()
+    first = items[items < 100_000]
+    rank = (first - 1) % w.items_per_cluster  # an item's place within its cluster
+    share = np.bincount(rank, minlength=w.items_per_cluster) / len(rank)
+    want = 1 / np.arange(1, w.items_per_cluster + 1)
+    assert np.abs(share - want / want.sum()).max() < 0.02  # ∝ 1 / (k + 1)
+
+
 def test_the_world_gives_amid_rows_with_few_overlapping_users():
     rows = rows_from_logs(open_world(OpenWorld(users=500, seed=1)), AmidDataConfig(("d1", "d2"), k_u=0.25))
     share = pc.mean(pc.cast(rows.D["overlap"], "int64")).as_py()
@@ -67,9 +78,7 @@ def group_metrics(method: str, aligned: bool, k_u: float, seed: int) -> dict:
     """Test metrics per group at the best validation epoch (50 fixed negatives)."""
     torch.set_num_threads(1)
     w = OpenWorld(aligned=aligned, seed=seed, **WORLD)
-    rows = rows_from_logs(open_world(w), AmidDataConfig(w.domains, k_u=k_u, seed=seed))
-    cat = domain_catalogues([rows.D, rows.valid, rows.test], w.domains)
-    valid, test = (eval_set(getattr(rows, s), w.domains, cat, s) for s in ("valid", "test"))
+    rows, cat, valid, test = world_data(w, k_u, seed)
     hist = fit_and_track(AmidConfig(**MODEL, **METHODS[method]), rows, valid, test, list(w.domains), cat,
                          "uniform:50", seed, EPOCHS, batch_size=128)
     return pick(hist, "valid")

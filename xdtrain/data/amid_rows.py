@@ -50,6 +50,7 @@ SCHEMA = pa.schema([("user_id", pa.int64()), ("seq_d1", LIST), ("seq_d2", LIST),
 class AmidDataConfig:
     domains: tuple[str, str]  # (domain 1, domain 2): domain_id 0 and 1
     k_u: float = 0.25  # share of non-overlapping train rows kept in O
+    mnar: float = 0.0  # O's non-overlapping rows drawn with probability ∝ popularity(target)^mnar (0: uniform)
     test_ratio: float = 0.2  # rows to test (the released split is 80/20 by row)
     valid_ratio: float = 0.1  # observed train rows carved out for model selection
     min_seq: int = 5  # NMCDR: a domain-X row needs |S^X| >= min_seq and (|S^Y| >= min_seq or 0)
@@ -119,18 +120,36 @@ def split_rows(rows: pa.Table, test_ratio: float, seed: int) -> tuple[pa.Table, 
     return rows.take(np.sort(order[:cut])), rows.take(np.sort(order[cut:]))
 
 
-def subsample_observed(train100: pa.Table, k_u: float, seed: int) -> tuple[pa.Table, pa.Table]:
-    """(O, D): O = every overlapping row + int(k_u * N_no) uniformly drawn non-overlapping rows
-    (filter_DR_dataset.py); D = every row, ob_label 1 for the rows in O."""
+def subsample_observed(train100: pa.Table, k_u: float, seed: int, mnar: float = 0.0) -> tuple[pa.Table, pa.Table]:
+    """(O, D): O = every overlapping row + int(k_u * N_no) non-overlapping rows (filter_DR_dataset.py);
+    D = every row, ob_label 1 for the rows in O. The non-overlapping rows are drawn uniformly (mnar 0,
+    the released files) or, for the spec's extra MNAR factor (§10.2-F), without replacement with
+    probability ∝ c^mnar, c = how often the row's target item occurs in train100's lists: rows whose
+    target is popular are observed more often, so O's targets are skewed towards popular items."""
     if not 0 <= k_u <= 1:
         raise DataError(f"data.k_u must be in [0, 1], got {k_u}")
+    if mnar < 0:
+        raise DataError(f"data.mnar must be >= 0, got {mnar}")
     ov = train100["overlap"].to_numpy(zero_copy_only=False)
     non = np.flatnonzero(~ov)
-    keep = np.random.default_rng([seed, 3]).choice(non, int(k_u * len(non)), replace=False)
+    rng = np.random.default_rng([seed, 3])
+    if mnar == 0:
+        keep = rng.choice(non, int(k_u * len(non)), replace=False)
+    else:
+        w = target_counts(train100)[non].astype(np.float64) ** mnar
+        keep = rng.choice(non, int(k_u * len(non)), replace=False, p=w / w.sum())
     ob = ov.copy()
     ob[keep] = True
     D = train100.set_column(SCHEMA.get_field_index("ob_label"), "ob_label", pa.array(ob.astype(np.int64)))
     return D.filter(pa.array(ob)), D
+
+
+def target_counts(rows: pa.Table) -> np.ndarray:
+    """[rows] how often each row's target (the last item of its target-domain list) occurs in all
+    lists of `rows`, both domains (one id space)."""
+    items = np.concatenate([pc.list_flatten(rows[c]).to_numpy() for c in ("seq_d1", "seq_d2")])
+    ids, counts = np.unique(items, return_counts=True)
+    return counts[np.searchsorted(ids, strip_target(rows)[0])]
 
 
 def carve_valid(D: pa.Table, ratio: float, seed: int) -> tuple[pa.Table, pa.Table]:
@@ -146,7 +165,7 @@ def carve_valid(D: pa.Table, ratio: float, seed: int) -> tuple[pa.Table, pa.Tabl
 def d_and_test(inter: pa.Table, cfg: AmidDataConfig) -> tuple[pa.Table, pa.Table]:
     """Path (a) up to the released files: (D = train100 with ob_label, test)."""
     train100, test = split_rows(rows_from_interactions(inter, cfg), cfg.test_ratio, cfg.seed)
-    return subsample_observed(train100, cfg.k_u, cfg.seed)[1], test
+    return subsample_observed(train100, cfg.k_u, cfg.seed, cfg.mnar)[1], test
 
 
 def rows_from_logs(inter: pa.Table, cfg: AmidDataConfig) -> AmidRows:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xdtrain.data.amid_rows import AmidRows
+from xdtrain.data.amid_rows import AmidDataConfig, AmidRows, domain_catalogues, eval_set, rows_from_logs
+from xdtrain.data.synthetic.open_world import OpenWorld, open_world
 from xdtrain.eval.candidates import EvalSet
 from xdtrain.models.amid import Amid, AmidConfig
 from xdtrain.nn.program import resolve_program
@@ -34,6 +35,14 @@ METHODS = {  # the headline comparison (spec §10.1-7): model flags of each base
     "ips": {"mim": False, "estimator": "ips"},
     "amid": {"mim": True, "estimator": "dr"},
 }
+
+
+def world_data(world: OpenWorld, k_u: float, seed: int, mnar: float = 0.0
+               ) -> tuple[AmidRows, dict[str, np.ndarray], EvalSet, EvalSet]:
+    """(rows, catalogue, valid, test) of a synthetic open world at K_u (and the MNAR factor `mnar`)."""
+    rows = rows_from_logs(open_world(world), AmidDataConfig(world.domains, k_u=k_u, mnar=mnar, seed=seed))
+    cat = domain_catalogues([rows.D, rows.valid, rows.test], world.domains)
+    return rows, cat, *(eval_set(getattr(rows, s), world.domains, cat, s) for s in ("valid", "test"))
 
 
 def evaluator(data: EvalSet, candidates: str, seed: int) -> RankingEval:

@@ -62,6 +62,7 @@ class DataConfig:
     released_dir: str = ""  # source `released`: the folder of <pair>_train{K}.csv, _train{K}_DR.csv, _test.csv
     pair: str = ""  # "<domain 1>_<domain 2>", e.g. cloth_sport: the file prefix and the two domains, in order
     k_u: float = 0.25  # share of non-overlapping train rows observed (in O)
+    mnar: float = 0.0  # logs path: O's non-overlapping rows drawn ∝ popularity(target)^mnar (0: uniform)
     valid_ratio: float = 0.1  # observed train rows carved out for model selection
     test_ratio: float = 0.2  # logs path: rows to test
     amid_min_seq: int = 5  # logs path: a row needs >= this many target items, the other domain >= this or none

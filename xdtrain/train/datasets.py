@@ -341,7 +341,7 @@ def amid_config(cfg: DataConfig, min_groups: int = 1):
     domains = list(cfg.train_domains) or [d for d in cfg.pair.split("_") if d]
     if len(domains) != 2:
         raise DataError(f"data.pair: expected '<domain 1>_<domain 2>' (or two data.train_domains), got {cfg.pair!r}")
-    return AmidDataConfig((domains[0], domains[1]), k_u=cfg.k_u, test_ratio=cfg.test_ratio,
+    return AmidDataConfig((domains[0], domains[1]), k_u=cfg.k_u, mnar=cfg.mnar, test_ratio=cfg.test_ratio,
                           valid_ratio=cfg.valid_ratio, min_seq=cfg.amid_min_seq, hide_other=cfg.hide_other,
                           seed=cfg.split_seed, rows_per_group=cfg.rows_per_group, min_groups=min_groups)
 

@@ -4,8 +4,9 @@ K latent interest clusters (the general confounder GC) shared by both domains: e
 are split evenly over the clusters. A user has an interest mixture π_u ~ Dirichlet(alpha); with
 `aligned` both domains draw from the same π_u, else (the control) the second domain draws from an
 independent π'_u. A sequence is a sticky Markov chain over clusters (stay with `stay`, else jump to
-a cluster drawn from the mixture), an item uniform within the cluster, and with probability
-`noise` a uniformly random item of the domain instead (domain-specific behaviour, SC^Z).
+a cluster drawn from the mixture), an item uniform within the cluster (Zipf-like with `item_skew`),
+and with probability `noise` a uniformly random item of the domain instead (domain-specific
+behaviour, SC^Z).
 A share `overlap` of the users has long sequences in both domains; the others have a short
 sequence in one domain (chosen uniformly).
 
@@ -30,6 +31,7 @@ class OpenWorld:
     alpha: float = 0.2  # Dirichlet concentration of π_u (small: one or two dominant interests)
     stay: float = 0.6  # probability the chain keeps its cluster
     noise: float = 0.2  # probability of a uniformly random item of the domain
+    item_skew: float = 0.0  # item k of a cluster drawn ∝ (k + 1)^-item_skew (0: uniform; > 0 popular heads)
     len_overlap: tuple[int, int] = (10, 20)  # sequence length ranges (inclusive)
     len_single: tuple[int, int] = (5, 8)
     single_share: float = 0.5  # probability that a one-domain user's domain is the first
@@ -57,6 +59,8 @@ def cluster_of(cfg: OpenWorld, item: np.ndarray) -> np.ndarray:
 
 def _sequence(rng: np.random.Generator, cfg: OpenWorld, pi: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
     ipc = len(ids) // cfg.clusters
+    w = np.arange(1, ipc + 1, dtype=np.float64) ** -cfg.item_skew
+    w /= w.sum()
     out = np.empty(n, dtype=np.int64)
     c = int(rng.choice(cfg.clusters, p=pi))
     for t in range(n):
@@ -65,7 +69,7 @@ def _sequence(rng: np.random.Generator, cfg: OpenWorld, pi: np.ndarray, ids: np.
         if rng.random() < cfg.noise:
             out[t] = ids[rng.integers(len(ids))]
         else:
-            out[t] = ids[c * ipc + rng.integers(ipc)]
+            out[t] = ids[c * ipc + (rng.choice(ipc, p=w) if cfg.item_skew else rng.integers(ipc))]
     return out
 
 
