@@ -68,9 +68,9 @@ def main() -> None:
     for key, by_seed in res.items():
         mnar, k_u = key.split(", ")
         cols = {m: np.array([by_seed[s][m]["overlap=false"] for s in by_seed]) for m in args.methods}
-        gap = cols["amid"] - cols["mim"] if {"amid", "mim"} <= cols.keys() else np.array([np.nan])
+        gap = cols["amid"] - cols["mim"] if {"amid", "mim"} <= cols.keys() else None
         print(f"| {mnar} | {k_u.split()[1]} | " + " | ".join(f"{c.mean():.4f} ± {c.std():.4f}" for c in cols.values())
-              + f" | {gap.mean():+.4f} ± {gap.std():.4f} |")
+              + (f" | {gap.mean():+.4f} ± {gap.std():.4f} |" if gap is not None else " | - |"))
 
 
 if __name__ == "__main__":
