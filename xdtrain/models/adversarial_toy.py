@@ -41,7 +41,8 @@ class AdversarialToyConfig:
     beta1: float = 0.5
     beta2: float = 0.9
     aux_batch: int = 32  # global rows of the `aux` stream per iteration
-    item_lr: float = 0.05  # PS-side SGD of the item rows
+    item_lr: float = 0.05  # the PS-side optimizer of the item rows
+    item_optimizer: str = "sgd"  # or "adam" (ps.sync then sums the workers' rows before one step)
     epochs: int = 0  # 0 = train.epochs
 
 
@@ -73,7 +74,7 @@ class AdversarialToy(nn.Module):
 
     def sparse_tables(self) -> list[TableSpec]:
         return [TableSpec(ITEM, self.cfg.d, init="normal", init_scale=0.1,
-                          optimizer=OptimizerSpec("sgd", lr=self.cfg.item_lr), seed=self.seed)]
+                          optimizer=OptimizerSpec(self.cfg.item_optimizer, lr=self.cfg.item_lr), seed=self.seed)]
 
     # ---- batches --------------------------------------------------------------------------------
     def make_batch(self, rows: pa.Table, rng: np.random.Generator, stream: str = "train") -> dict[str, Tensor]:

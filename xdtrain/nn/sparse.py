@@ -128,12 +128,15 @@ def _routed(ps: Any, uniq: np.ndarray):
     return route(uniq) if route is not None else None
 
 
-def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
-    """Push each table's row gradients (times `scale`) to the PS; returns the number of rows pushed.
-    Rows whose gradient is all zero (pulled, but the loss did not reach them: a detached input, the
-    branch torch.where dropped, a padding row) are not pushed: a stateful PS optimizer would step them
-    on its momentum alone (Adam moves a row about 2/3 of a step on a zero push)."""
-    n = 0
+RowGrads = dict[str, tuple[np.ndarray, np.ndarray]]  # table -> (sorted ids [n], gradients [n, d])
+
+
+def row_grads(rows: dict[str, Rows]) -> RowGrads:
+    """Each table's rows the loss reached, with their gradients (float32). Rows whose gradient is all
+    zero (pulled, but the loss did not reach them: a detached input, the branch torch.where dropped, a
+    padding row) are left out: a stateful PS optimizer would step them on its momentum alone (Adam
+    moves a row about 2/3 of a step on a zero push), as lazy sparse Adam never does."""
+    out = {}
     for table, r in rows.items():
         if r.ids.numel() == 0 or r.weight.grad is None:
             continue
@@ -142,13 +145,26 @@ def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
         reached = g.any(axis=1)
         if not reached.all():
             ids, g = ids[reached], g[reached]
+        if len(ids):
+            out[table] = (ids, g)
+    return out
+
+
+def push_row_grads(ps: Any, grads: RowGrads, scale: float = 1.0) -> int:
+    """Push `row_grads` output (times `scale`) to the PS; returns the number of rows pushed."""
+    n = 0
+    for table, (ids, g) in grads.items():
         if len(ids) == 0:
             continue
-        if scale != 1.0:
-            g *= scale
-        ps.push(table, ids, g)
+        ps.push(table, ids, g * scale if scale != 1.0 else g)
         n += len(ids)
     return n
+
+
+def push_grads(ps: Any, rows: dict[str, Rows], scale: float = 1.0) -> int:
+    """Push each table's row gradients (times `scale`) to the PS, leaving out rows the loss did not
+    reach (`row_grads`); returns the number of rows pushed."""
+    return push_row_grads(ps, row_grads(rows), scale)
 
 
 def prefetch_rows(ps: Any, ids_by_table: dict[str, Tensor | np.ndarray]) -> None:

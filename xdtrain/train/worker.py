@@ -38,12 +38,13 @@ from ray.train import Checkpoint
 
 from xdtrain.models import build_model
 from xdtrain.nn.program import Phase, Step
-from xdtrain.nn.sparse import prefetch_rows, pull_rows, push_grads
+from xdtrain.nn.sparse import prefetch_rows, pull_rows, push_row_grads, row_grads
 from xdtrain.train import checkpointing as ck
 from xdtrain.train import plan
 from xdtrain.train.config import EngineConfig
 from xdtrain.train.evaluation import RankingEval
 from xdtrain.train.optimizers import OptimizerSet, broadcast_dense
+from xdtrain.train.row_reduce import all_reduce_row_grads, share
 from xdtrain.train.streams import Dataset, Stream, accepts, seed_of
 from xdtrain.train.transfer import transfer_dense
 
@@ -242,11 +243,13 @@ class Worker:
         self.optimizers.zero_grad()
         loss.backward()
         opt = self.optimizers[step.optimizer]
-        rows = 0
+        tables = [k for k in emb if (opt.spec.tables is None or k in opt.spec.tables)
+                  and k not in phase.frozen_tables]
+        local = row_grads({k: emb[k] for k in tables}) if real else {}
+        if self.cfg.ps.sync and self.world > 1:  # one optimizer step per row, as in one process
+            local = share(all_reduce_row_grads(local, self.world), self.rank, self.world)
+        rows = push_row_grads(self.ps, local, scale=1.0 / self.world)
         if real:
-            tables = [k for k in emb if (opt.spec.tables is None or k in opt.spec.tables)
-                      and k not in phase.frozen_tables]
-            rows = push_grads(self.ps, {k: emb[k] for k in tables}, scale=1.0 / self.world)
             rows += sum(r.ids.numel() for r in emb.values())  # pulled too
         if cur.keys:
             self._trace(cur.keys)
