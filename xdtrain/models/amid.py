@@ -263,15 +263,17 @@ class Amid(nn.Module):
         s1, s2 = rows["seq_d1"].to_pylist(), rows["seq_d2"].to_pylist()
         ov = rows["overlap"].to_numpy(zero_copy_only=False)
         for z in (0, 1):
-            idx = np.flatnonzero(dom == z)
-            for c in range(0, len(idx), self.cfg.mim_n):
-                j = idx[c:c + self.cfg.mim_n]
+            for j in self.eval_groups(np.flatnonzero(dom == z)):
                 b = self.inputs([s1[i] for i in j], [s2[i] for i in j], dom[j], ov[j])
                 ids = torch.cat([b["d1"].reshape(-1), b["d2"].reshape(-1)])
                 uniq = np.unique(ids[ids != PAD_ID].numpy())
                 users[torch.from_numpy(j)] = self.represent(b, Rows(uniq, pull(ITEM, uniq)))
         self.train(was)
         return AmidScorer(users, torch.from_numpy(self.item_ids), pull(ITEM, self.item_ids), self.predict)
+
+    def eval_groups(self, idx: np.ndarray) -> list[np.ndarray]:
+        """The MIM groups of one target domain's eval rows `idx`: `mim_n` consecutive rows each."""
+        return [idx[c:c + self.cfg.mim_n] for c in range(0, len(idx), self.cfg.mim_n)]
 
 
 class AmidScorer:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from xdtrain.data.amid_rows import AmidDataConfig, AmidRows, domain_catalogues, eval_set, rows_from_logs
-from xdtrain.data.synthetic.open_world import OpenWorld, open_world
+from xdtrain.data.synthetic.open_world import OpenWorld, open_world, period_of
 from xdtrain.eval.candidates import EvalSet
 from xdtrain.models.amid import Amid, AmidConfig
 from xdtrain.nn.program import resolve_program
@@ -28,6 +28,10 @@ from xdtrain.train.local_program import local_ps, run_epochs
 WORLD_F = dict(users=5000, overlap=0.15, noise=0.1)
 MODEL_F = dict(backbone="sasrec", d=16, max_len=10, layers=1, heads=2, dropout=0.0, lr=1e-2, lr2=3e-5, item_lr=3e-2)
 EPOCHS_F = 40
+# Test F's world with trends (docs/amid.md "F1 with trends"): 10 periods, each list's last 3 items from the
+# period's trending cluster with probability 0.8; eval MIM groups of 32 rows, so that a group is one period.
+TREND_F = dict(periods=10, trend=0.8, trend_items=3)
+MIM_N_TREND = 32
 
 METHODS = {  # the headline comparison (spec §10.1-7): model flags of each baseline
     "backbone": {"mim": False, "estimator": "none"},
@@ -43,6 +47,11 @@ def world_data(world: OpenWorld, k_u: float, seed: int, mnar: float = 0.0
     rows = rows_from_logs(open_world(world), AmidDataConfig(world.domains, k_u=k_u, mnar=mnar, seed=seed))
     cat = domain_catalogues([rows.D, rows.valid, rows.test], world.domains)
     return rows, cat, *(eval_set(getattr(rows, s), world.domains, cat, s) for s in ("valid", "test"))
+
+
+def period_groups(world: OpenWorld, rows: AmidRows) -> dict[str, np.ndarray]:
+    """"O" / "D" -> each row's period: `fit_and_track(groups=...)` then batches in time order."""
+    return {k: period_of(world, getattr(rows, k)["user_id"].to_numpy()) for k in ("O", "D")}
 
 
 def evaluator(data: EvalSet, candidates: str, seed: int) -> RankingEval:
@@ -64,9 +73,10 @@ def metrics(model: Amid, ps: LocalPS, ev: RankingEval) -> dict[str, dict[str, fl
 def fit_and_track(cfg: AmidConfig, rows: AmidRows, valid: EvalSet, test: EvalSet, domains: list[str],
                   item_domains: dict, candidates: str, seed: int, epochs: int, batch_size: int = 256,
                   evals: tuple[RankingEval, RankingEval] | None = None, model: Amid | None = None,
-                  ps: LocalPS | None = None) -> list[dict]:
+                  ps: LocalPS | None = None, groups: dict[str, np.ndarray] | None = None) -> list[dict]:
     """Train one AMID variant for `epochs` phase epochs; [{"epoch", "valid", "test"}] per epoch.
-    `model` / `ps`: built by the caller (a diagnostic subclass, or to inspect them after training)."""
+    `model` / `ps`: built by the caller (a diagnostic subclass, or to inspect them after training);
+    `groups`: "O" / "D" -> a key per row whose rows are batched together (e.g. a time period)."""
     torch.manual_seed(seed)
     model = model if model is not None else Amid(cfg, domains, item_domains, seed)
     ps = ps if ps is not None else local_ps(model)
@@ -78,7 +88,7 @@ def fit_and_track(cfg: AmidConfig, rows: AmidRows, valid: EvalSet, test: EvalSet
     def after(_phase: str, epoch: int) -> None:
         hist.append({"epoch": epoch, "valid": metrics(model, ps, ev_valid), "test": metrics(model, ps, ev_test)})
 
-    run_epochs(model, ps, prog, {"O": rows.O, "D": rows.D}, np.random.default_rng(seed), after)
+    run_epochs(model, ps, prog, {"O": rows.O, "D": rows.D}, np.random.default_rng(seed), after, groups=groups)
     return hist
 
 

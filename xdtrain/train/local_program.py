@@ -95,11 +95,23 @@ def local_iteration(model: torch.nn.Module, ps, opts: OptimizerSet, step: Step, 
 
 
 class _Cursor:
-    """Shuffled batches of one stream's rows; `cycle` reshuffles and restarts when exhausted."""
+    """Shuffled batches of one stream's rows; `cycle` reshuffles and restarts when exhausted.
+    `groups` (a key per row, e.g. a time period): rows of a group stay together (the groups in a
+    random order, the rows within each shuffled), as in a log read in time order."""
 
-    def __init__(self, table: pa.Table, batch_size: int, rng: np.random.Generator) -> None:
-        self.table, self.size, self.rng = table, batch_size, rng
-        self.order, self.pos = rng.permutation(table.num_rows), 0
+    def __init__(self, table: pa.Table, batch_size: int, rng: np.random.Generator,
+                 groups: np.ndarray | None = None) -> None:
+        self.table, self.size, self.rng, self.groups = table, batch_size, rng, groups
+        self.reshuffle()
+
+    def reshuffle(self) -> None:
+        self.pos = 0
+        if self.groups is None:
+            self.order = self.rng.permutation(self.table.num_rows)
+            return
+        keys = np.unique(self.groups)
+        self.order = np.concatenate([self.rng.permutation(np.flatnonzero(self.groups == k))
+                                     for k in self.rng.permutation(keys)])
 
     def next(self) -> pa.Table | None:
         if self.pos >= len(self.order):
@@ -111,21 +123,24 @@ class _Cursor:
     def next_cycling(self) -> pa.Table:
         out = self.next()
         if out is None:
-            self.order, self.pos = self.rng.permutation(self.table.num_rows), 0
+            self.reshuffle()
             out = self.next()
         return out
 
 
 def run_epochs(model: torch.nn.Module, ps, prog: Program, tables: dict[str, pa.Table], rng: np.random.Generator,
                after_epoch: Callable[[str, int], None] | None = None,
-               on_iteration: Callable[[Step, int, float], None] | None = None) -> dict:
+               on_iteration: Callable[[Step, int, float], None] | None = None,
+               groups: dict[str, np.ndarray] | None = None) -> dict:
     """Train `prog` (phases whose steps count epochs, or one pass per phase epoch): each phase epoch,
     each step passes `step.epochs` (at least 1) times over its main stream's dataset, a cycling
     stream's batch drawn alongside each. `tables`: dataset name -> rows. `after_epoch(phase, epoch)`
     runs after each phase epoch (evaluation); `on_iteration(step, rows, seconds)` after each iteration
-    (throughput). Returns the last iteration's named losses."""
+    (throughput); `groups`: dataset name -> a key per row whose rows are batched together (`_Cursor`).
+    Returns the last iteration's named losses."""
     opts = OptimizerSet(model, prog.optimizers)
-    cursors = {name: _Cursor(tables[s.dataset], s.batch_size, rng) for name, s in prog.streams.items()}
+    cursors = {name: _Cursor(tables[s.dataset], s.batch_size, rng, (groups or {}).get(s.dataset))
+               for name, s in prog.streams.items()}
     named: dict = {}
     for ph in prog.phases:
         if ph.iterations:
@@ -136,7 +151,7 @@ def run_epochs(model: torch.nn.Module, ps, prog: Program, tables: dict[str, pa.T
                 main = prog.main_stream(st)
                 for _ in range(max(1, st.epochs)):
                     cur = cursors[main]
-                    cur.order, cur.pos = rng.permutation(cur.table.num_rows), 0
+                    cur.reshuffle()
                     while (rows := cur.next()) is not None:
                         t0 = time.perf_counter()
                         b = {s: make_batch(model, rows if s == main else cursors[s].next_cycling(), rng, s)

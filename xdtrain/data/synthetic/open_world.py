@@ -10,6 +10,14 @@ behaviour, SC^Z).
 A share `overlap` of the users has long sequences in both domains; the others have a short
 sequence in one domain (chosen uniformly).
 
+Optional trends (`periods` > 0): users fall into `periods` consecutive blocks of user ids (the time
+of their latest interaction); each period has a trending cluster (the same index in both domains),
+and each of the last `trend_items` items of a user's domain lists comes from it with probability
+`trend`. A user's period then shows in its own last items and in those of the other users of its
+period, e.g. the other domain's histories seen in the same MIM group. In the control the second
+domain's trend is that of an independent random period of each user: it says nothing of the
+user's period.
+
     inter = open_world(OpenWorld(aligned=True, seed=0))   # user_id, item_id, domain, timestamp
 """
 
@@ -36,7 +44,22 @@ class OpenWorld:
     len_single: tuple[int, int] = (5, 8)
     single_share: float = 0.5  # probability that a one-domain user's domain is the first
     aligned: bool = True  # False: the domains' mixtures are independent (the control world)
+    periods: int = 0  # > 0: time periods with a trending cluster each (see the module docstring)
+    trend: float = 0.0  # probability that one of a domain list's last items is from its period's trending cluster
+    trend_items: int = 1  # how many of a list's last items the trend reaches
     seed: int = 0
+
+
+def period_of(cfg: OpenWorld, user_id: np.ndarray) -> np.ndarray:
+    """Each user's period (0 .. periods - 1; consecutive blocks of user ids); 0 without periods."""
+    u = np.asarray(user_id, dtype=np.int64)
+    return (u - 1) * max(cfg.periods, 1) // cfg.users
+
+
+def trending_clusters(cfg: OpenWorld) -> np.ndarray:
+    """[periods] each period's trending cluster (the same index in both domains)."""
+    rng = np.random.default_rng([cfg.seed, 7])  # apart from the main draws: periods=0 keeps the world
+    return rng.integers(cfg.clusters, size=cfg.periods)
 
 
 def per_cluster(cfg: OpenWorld, domain: int) -> int:
@@ -77,6 +100,7 @@ def open_world(cfg: OpenWorld) -> pa.Table:
     """Canonical interactions (user_id from 1, item_id, domain, timestamp = position, domain 1 first)."""
     rng = np.random.default_rng(cfg.seed)
     ids = [item_ids(cfg, 0), item_ids(cfg, 1)]
+    trending, trend_rng = trending_clusters(cfg), np.random.default_rng([cfg.seed, 8])
     cols: dict[str, list] = {"user_id": [], "item_id": [], "domain": [], "timestamp": []}
     for u in range(1, cfg.users + 1):
         pi = rng.dirichlet(np.full(cfg.clusters, cfg.alpha))
@@ -87,6 +111,12 @@ def open_world(cfg: OpenWorld) -> pa.Table:
         t = 0
         for z in doms:
             seq = _sequence(rng, cfg, pis[z], ids[z], int(rng.integers(lo, hi + 1)))
+            if cfg.periods:
+                p = period_of(cfg, u) if cfg.aligned or z == 0 else trend_rng.integers(cfg.periods)
+                ipc = len(ids[z]) // cfg.clusters
+                for t in range(max(len(seq) - cfg.trend_items, 0), len(seq)):
+                    if trend_rng.random() < cfg.trend:
+                        seq[t] = ids[z][trending[p] * ipc + trend_rng.integers(ipc)]
             cols["user_id"] += [u] * len(seq)
             cols["item_id"] += seq.tolist()
             cols["domain"] += [cfg.domains[z]] * len(seq)
