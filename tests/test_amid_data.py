@@ -69,7 +69,7 @@ def test_k_u_keeps_every_overlapping_row_and_int_k_u_of_the_others(n_ov, n_no, k
     assert keys(D.filter(pa.array(ob == 1))) == keys(O) and ob.sum() == want
 
 
-def test_mnar_keeps_the_exact_count_and_observes_rows_with_popular_targets_more_often():
+def test_mnar_keeps_the_exact_count_and_observes_rows_with_popular_targets_more_or_less_often():
     # 300 non-overlapping rows [9, 2, target]: target 1 (100 rows), 2 (100) or one of 3..102 (once each);
     # counts in all lists: item 2 400 (every list, twice where it is the target), item 1 100, the rest 1
     n_no = 300
@@ -83,8 +83,12 @@ def test_mnar_keeps_the_exact_count_and_observes_rows_with_popular_targets_more_
     kept = strip_target(O.filter(pc.invert(O["overlap"])))[0]
     # weights ∝ count²: 100 rows at 400², 100 at 100², 100 at 1² (94% of the mass on target 2's rows)
     assert (kept == 2).mean() > 0.7 and (kept > 2).sum() <= 2
+    O_rare = subsample_observed(rows, 0.25, seed=3, mnar=-1.0)[0]
+    rare = strip_target(O_rare.filter(pc.invert(O_rare["overlap"])))[0]
+    # weights ∝ 1 / count: 100 rows at 1/400, 100 at 1/100, 100 at 1 (80% of the mass on the rare rows)
+    assert (rare > 2).mean() > 0.6 and (rare == 2).sum() <= 3
     with pytest.raises(DataError, match="data.mnar"):
-        subsample_observed(rows, 0.25, seed=3, mnar=-1.0)
+        subsample_observed(rows, 0.25, seed=3, mnar=float("nan"))
 
 
 def test_splits_share_no_row_valid_is_observed_and_the_target_is_never_in_its_history():

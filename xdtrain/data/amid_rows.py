@@ -50,7 +50,7 @@ SCHEMA = pa.schema([("user_id", pa.int64()), ("seq_d1", LIST), ("seq_d2", LIST),
 class AmidDataConfig:
     domains: tuple[str, str]  # (domain 1, domain 2): domain_id 0 and 1
     k_u: float = 0.25  # share of non-overlapping train rows kept in O
-    mnar: float = 0.0  # O's non-overlapping rows drawn with probability ∝ popularity(target)^mnar (0: uniform)
+    mnar: float = 0.0  # O's non-overlapping rows drawn ∝ popularity(target)^mnar (0: uniform; < 0: rare targets)
     test_ratio: float = 0.2  # rows to test (the released split is 80/20 by row)
     valid_ratio: float = 0.1  # observed train rows carved out for model selection
     min_seq: int = 5  # NMCDR: a domain-X row needs |S^X| >= min_seq and (|S^Y| >= min_seq or 0)
@@ -124,12 +124,13 @@ def subsample_observed(train100: pa.Table, k_u: float, seed: int, mnar: float = 
     """(O, D): O = every overlapping row + int(k_u * N_no) non-overlapping rows (filter_DR_dataset.py);
     D = every row, ob_label 1 for the rows in O. The non-overlapping rows are drawn uniformly (mnar 0,
     the released files) or, for the spec's extra MNAR factor (§10.2-F), without replacement with
-    probability ∝ c^mnar, c = how often the row's target item occurs in train100's lists: rows whose
-    target is popular are observed more often, so O's targets are skewed towards popular items."""
+    probability ∝ c^mnar, c = how often the row's target item occurs in train100's lists: with mnar > 0
+    rows whose target is popular are observed more often (O's targets skewed towards popular items),
+    with mnar < 0 less often (towards rare items)."""
     if not 0 <= k_u <= 1:
         raise DataError(f"data.k_u must be in [0, 1], got {k_u}")
-    if mnar < 0:
-        raise DataError(f"data.mnar must be >= 0, got {mnar}")
+    if not np.isfinite(mnar):
+        raise DataError(f"data.mnar must be a finite number, got {mnar}")
     ov = train100["overlap"].to_numpy(zero_copy_only=False)
     non = np.flatnonzero(~ov)
     rng = np.random.default_rng([seed, 3])
