@@ -23,19 +23,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xdtrain.data.synthetic.open_world import OpenWorld  # noqa: E402
+from xdtrain.models import amid_local as al  # noqa: E402
 from xdtrain.models.amid import AmidConfig  # noqa: E402
-from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick, world_data  # noqa: E402
 
 
 def run(world: OpenWorld, k_u: float, mnar: float, epochs: int, methods: list[str], model: dict) -> dict:
-    rows, cat, valid, test = world_data(world, k_u, world.seed, mnar)
+    rows, cat, valid, test = al.world_data(world, k_u, world.seed, mnar)
     out = {}
     for name in methods:
-        cfg = AmidConfig(**{**model, **METHODS[name]})
-        hist = fit_and_track(cfg, rows, valid, test, list(world.domains), cat, "uniform:50", world.seed, epochs,
+        cfg = AmidConfig(**{**model, **al.METHODS[name]})
+        hist = al.fit_and_track(cfg, rows, valid, test, list(world.domains), cat, "uniform:50", world.seed, epochs,
                              batch_size=128)
-        best = pick(hist, "valid")
-        out[name] = {g: round(best[g]["ndcg@10"], 4) for g in ("all", "overlap=true", "overlap=false")}
+        out[name] = al.valid_ndcg_by_overlap(hist)
         print(f"  mnar {mnar} K_u {k_u} seed {world.seed}: {name:<8} {out[name]}", flush=True)
     return out
 
@@ -46,18 +45,18 @@ def main() -> None:
     p.add_argument("--mnar", nargs="+", type=float, default=[0.0, 2.0])
     p.add_argument("--k-u", nargs="+", type=float, default=[0.25, 0.75])
     p.add_argument("--item-skew", type=float, default=1.0)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--lr2", type=float, default=MODEL_F["lr2"], help="stage 2 (eq. 15) learning rate")
-    p.add_argument("--epochs", type=int, default=EPOCHS_F)
+    p.add_argument("--methods", nargs="+", default=list(al.METHODS), choices=list(al.METHODS))
+    p.add_argument("--lr2", type=float, default=al.MODEL_F["lr2"], help="stage 2 (eq. 15) learning rate")
+    p.add_argument("--epochs", type=int, default=al.EPOCHS_F)
     p.add_argument("--out", default="runs/amid_dr_probe.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    model = {**MODEL_F, "lr2": args.lr2}
+    model = {**al.MODEL_F, "lr2": args.lr2}
     res: dict = {}
     for mnar in args.mnar:
         for k_u in args.k_u:
             res[f"mnar {mnar}, K_u {k_u}"] = {
-                str(s): run(OpenWorld(seed=s, item_skew=args.item_skew, **WORLD_F), k_u, mnar, args.epochs,
+                str(s): run(OpenWorld(seed=s, item_skew=args.item_skew, **al.WORLD_F), k_u, mnar, args.epochs,
                             args.methods, model) for s in args.seeds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": res}, indent=2))

@@ -33,15 +33,16 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xdtrain.data.synthetic.open_world import OpenWorld, cluster_of  # noqa: E402
+from xdtrain.models import amid_local as al  # noqa: E402
 from xdtrain.models.amid import ITEM, Amid, AmidConfig  # noqa: E402
-from xdtrain.models.amid_local import EPOCHS_F, METHODS, MODEL_F, WORLD_F, fit_and_track, pick, world_data  # noqa: E402
 from xdtrain.nn.sparse import PAD_ID, Rows  # noqa: E402
 from xdtrain.ps import LocalPS  # noqa: E402
 from xdtrain.train.local_program import local_ps  # noqa: E402
 
-VARIANTS = {"backbone": METHODS["backbone"], "mim": METHODS["mim"], "mim self only": {**METHODS["mim"], "mim_k": 2.0},
-            "mim oracle": {**METHODS["mim"], "mim_gate": "hard"},
-            "mim as released": {**METHODS["mim"], "code_compat": True, "mim_score": "softmax", "mim_k": 0.4,
+VARIANTS = {"backbone": al.METHODS["backbone"], "mim": al.METHODS["mim"],
+            "mim self only": {**al.METHODS["mim"], "mim_k": 2.0},
+            "mim oracle": {**al.METHODS["mim"], "mim_gate": "hard"},
+            "mim as released": {**al.METHODS["mim"], "code_compat": True, "mim_score": "softmax", "mim_k": 0.4,
                                 "mim_w12": False, "mim_gate": "hard", "mim_self": "gate"}}
 
 
@@ -99,18 +100,17 @@ def group_stats(model: Amid, ps: LocalPS, world: OpenWorld, test) -> dict[str, f
 
 
 def run(world: OpenWorld, seed: int, epochs: int, variants: list[str]) -> dict:
-    rows, cat, valid, test = world_data(world, 0.25, seed)
+    rows, cat, valid, test = al.world_data(world, 0.25, seed)
     out, tag = {}, f"seed {seed} {'aligned' if world.aligned else 'control'} stay {world.stay}"
     for name in variants:
-        cfg = AmidConfig(**{**MODEL_F, **VARIANTS[name]})
+        cfg = AmidConfig(**{**al.MODEL_F, **VARIANTS[name]})
         torch.manual_seed(seed)
         model = (OracleGroups(world, cfg, list(world.domains), cat, seed) if name == "mim oracle"
                  else Amid(cfg, list(world.domains), cat, seed))
         ps = local_ps(model)
-        hist = fit_and_track(cfg, rows, valid, test, list(world.domains), cat, "uniform:50", seed, epochs,
+        hist = al.fit_and_track(cfg, rows, valid, test, list(world.domains), cat, "uniform:50", seed, epochs,
                              batch_size=128, model=model, ps=ps)
-        best = pick(hist, "valid")
-        out[name] = {g: round(best[g]["ndcg@10"], 4) for g in ("all", "overlap=true", "overlap=false")}
+        out[name] = al.valid_ndcg_by_overlap(hist)
         if name == "mim":
             out["groups"] = {k: round(v, 4) for k, v in group_stats(model, ps, world, rows.test).items()}
         print(f"  {tag}: {name:<14} {out[name]}", flush=True)
@@ -126,14 +126,14 @@ def main() -> None:
     p.add_argument("--worlds", nargs="+", default=["aligned"], choices=["aligned", "control"],
                    help="control: the second domain's interest mixtures drawn independently")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--epochs", type=int, default=EPOCHS_F)
+    p.add_argument("--epochs", type=int, default=al.EPOCHS_F)
     p.add_argument("--out", default="runs/amid_mim_probe.json")
     args = p.parse_args()
     torch.set_num_threads(1)
     res = {}
     for kind in args.worlds:
         for stay in args.stay:
-            world = {**WORLD_F, "stay": stay, "aligned": kind == "aligned"}
+            world = {**al.WORLD_F, "stay": stay, "aligned": kind == "aligned"}
             worlds = {s: OpenWorld(seed=s, **world) for s in args.seeds}
             res[f"{kind}, stay {stay}"] = {str(s): run(w, s, args.epochs, args.variants) for s, w in worlds.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,7 @@ def run(world: OpenWorld, k_u: float, seed: int, epochs: int, variants: list[str
         torch.manual_seed(seed)
         hist = al.fit_and_track(cfg, rows, valid, test, list(world.domains), cat, "uniform:50", seed, epochs,
                              batch_size=128, model=model, groups=None if name == "mim, mixed batches" else by_time)
-        best = al.pick(hist, "valid")
-        out[name] = {g: round(best[g]["ndcg@10"], 4) for g in ("all", "overlap=true", "overlap=false")}
+        out[name] = al.valid_ndcg_by_overlap(hist)
         where = f"{'aligned' if world.aligned else 'control'} K_u {k_u} seed {seed}"
         print(f"  {where}: {name:<18} {out[name]}", flush=True)
     return out

@@ -11,6 +11,7 @@ import pytest
 from xdtrain.data.amid_rows import AmidDataConfig, domain_catalogues, rows_from_logs
 from xdtrain.data.synthetic.open_world import OpenWorld, open_world
 from xdtrain.models.amid import Amid, AmidConfig
+from xdtrain.models.amid_local import MODEL_F
 from xdtrain.train.local_program import local_ps
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "amid_mim_probe.py"
@@ -33,7 +34,7 @@ def world_rows():
 
 def test_oracle_groups_are_exactly_the_planted_clusters(probe, world_rows):
     w, rows, cat = world_rows
-    cfg = AmidConfig(**{**probe.MODEL_F, **probe.VARIANTS["mim oracle"]})
+    cfg = AmidConfig(**{**MODEL_F, **probe.VARIANTS["mim oracle"]})
     model = probe.OracleGroups(w, cfg, list(w.domains), cat, 0)
     stats = probe.group_stats(model, local_ps(model), w, rows.test)
     assert stats["same | grouped"] == 1.0 and stats["same | not grouped"] == 0.0
@@ -44,5 +45,5 @@ def test_oracle_groups_are_exactly_the_planted_clusters(probe, world_rows):
 def test_group_stats_read_the_models_own_threshold(probe, world_rows):
     w, rows, cat = world_rows
     for k, share in ((-2.0, 1.0), (2.0, 0.0)):  # every cosine passes / none does
-        model = Amid(AmidConfig(**{**probe.MODEL_F, **probe.VARIANTS["mim"], "mim_k": k}), list(w.domains), cat, 0)
+        model = Amid(AmidConfig(**{**MODEL_F, **probe.VARIANTS["mim"], "mim_k": k}), list(w.domains), cat, 0)
         assert probe.group_stats(model, local_ps(model), w, rows.test)["grouped share"] == share

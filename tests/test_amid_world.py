@@ -90,6 +90,9 @@ def test_trends_reach_the_last_items_of_both_domains_only_when_aligned_and_zero_
     kw = dict(users=600, overlap=0.5, noise=0.0, periods=6, trend=1.0, trend_items=2, seed=5)
     aligned, control = OpenWorld(**kw), OpenWorld(**kw, aligned=False)
     hot = trending_clusters(aligned)
+    inter = open_world(aligned)
+    users, ts = inter["user_id"].to_numpy(), inter["timestamp"].to_numpy()
+    assert all((ts[users == u] == np.arange((users == u).sum())).all() for u in np.unique(users))  # untouched
     assert (trending_clusters(control) == hot).all()
     assert period_of(aligned, np.array([1, 100, 101, 600])).tolist() == [0, 0, 1, 5]  # blocks of user ids
     for (u, z), c in last_clusters(aligned, 2).items():

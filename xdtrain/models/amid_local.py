@@ -100,3 +100,9 @@ def pick(hist: list[dict], by: str, monitor: str = "ndcg@10") -> dict[str, dict[
         return hist[best]["test"]
     groups = hist[0]["test"]
     return {g: {m: max(h["test"][g][m] for h in hist) for m in groups[g]} for g in groups}
+
+
+def valid_ndcg_by_overlap(hist: list[dict]) -> dict[str, float]:
+    """Test NDCG@10 (4 decimals) at the best validation epoch, for all rows and each overlap group."""
+    best = pick(hist, "valid")
+    return {g: round(best[g]["ndcg@10"], 4) for g in ("all", "overlap=true", "overlap=false")}

@@ -42,7 +42,7 @@ def all_reduce_row_grads(local: RowGrads, world: int) -> RowGrads:
     """Every worker's row gradients summed (a collective: every rank calls it every iteration, an
     idle rank with `{}`)."""
     if world <= 1:
-        return sum_row_grads([local])
+        return local
     parts: list = [None] * world
     dist.all_gather_object(parts, local)
     return sum_row_grads(parts)

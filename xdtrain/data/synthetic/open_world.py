@@ -114,9 +114,9 @@ def open_world(cfg: OpenWorld) -> pa.Table:
             if cfg.periods:
                 p = period_of(cfg, u) if cfg.aligned or z == 0 else trend_rng.integers(cfg.periods)
                 ipc = len(ids[z]) // cfg.clusters
-                for t in range(max(len(seq) - cfg.trend_items, 0), len(seq)):
+                for k in range(max(len(seq) - cfg.trend_items, 0), len(seq)):
                     if trend_rng.random() < cfg.trend:
-                        seq[t] = ids[z][trending[p] * ipc + trend_rng.integers(ipc)]
+                        seq[k] = ids[z][trending[p] * ipc + trend_rng.integers(ipc)]
             cols["user_id"] += [u] * len(seq)
             cols["item_id"] += seq.tolist()
             cols["domain"] += [cfg.domains[z]] * len(seq)
